@@ -1,0 +1,1 @@
+"""Light bootstrap peer: stable identity, gossip relay, peer exchange; never imports torch."""

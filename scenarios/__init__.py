@@ -1,0 +1,1 @@
+"""Scripted multi-host networks with fault injection and reports."""
