@@ -1,0 +1,273 @@
+"""Node configuration: HOME/snakenode.toml < SNAKENODE_* environment < command-line flags.
+
+Every setting is declared once in SETTINGS (name, type, default, allowed values, help); the loader, the
+validator, `snakenode start --help` and docs/OPERATIONS.md all come from that table, so they cannot
+drift apart. Errors name the setting, where it came from and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+CONFIG_FILE = "snakenode.toml"
+ENV_PREFIX = "SNAKENODE_"
+ROLES = ("node", "coordinator", "bootstrap")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+NETWORK_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+
+
+class ConfigError(Exception):
+    """A setting with a bad value; the message names it, its source and what is allowed."""
+
+
+def _default_memory_mb() -> int:
+    """Half the machine's RAM: a node shares its device with other work by default."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total / 2**20 / 2)
+    except Exception:  # noqa: BLE001 - psutil missing or /proc unreadable: a safe small budget
+        return 2048
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    kind: type  # str, int, float, bool, list
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("network", str, "snake", "network name; nodes only see peers of the same network (gossip topics)"),
+    Setting("role", str, "node", "node, coordinator (CS mode Process Controller) or bootstrap", choices=ROLES),
+    Setting("listen", list, ["/ip4/0.0.0.0/tcp/4001"], "multiaddrs to listen on (use /tcp/0 for any free port)"),
+    Setting("announce", list, [], "multiaddrs to advertise instead of the listen addresses (NAT, containers)"),
+    Setting("bootstrap", list, [], "bootstrap peers, full multiaddrs with /p2p/PEER_ID"),
+    Setting("mdns", bool, False, "discover peers by mDNS on the local network (trusted LANs only)"),
+    Setting("data", str, "", "local data NAME[:PATH]: digits, mnist5k, cifar10:DIR, digits32, mnist32, "
+            "text:pydoc, text:DIR, synthetic; empty = no data (relay only)"),
+    Setting("partition", str, "iid", "partition of the data: iid, dirichlet:ALPHA or shards:K"),
+    Setting("shard", str, "0/1", "this node's share I/N of the partitioned data"),
+    Setting("seed", int, 0, "partition seed", minimum=0),
+    Setting("memory_budget_mb", int, 0, "memory the node may use for training (0 = half the machine's RAM)",
+            minimum=0),
+    Setting("ping_interval_s", float, 1.0, "liveness ping period per peer", minimum=0.1, maximum=60),
+    Setting("ping_timeout_s", float, 1.5, "a ping not answered within this counts as missed",
+            minimum=0.1, maximum=60),
+    Setting("ping_misses", int, 2, "consecutive missed pings before a peer is declared down",
+            minimum=1, maximum=100),
+    Setting("profile_refresh_s", float, 15.0, "re-publish the profile at least this often", minimum=1),
+    Setting("profile_ttl_s", float, 60.0, "forget a profile not refreshed for this long", minimum=2),
+    Setting("max_peers", int, 64, "direct connections kept (every known peer up to this many)",
+            minimum=1, maximum=1024),
+    Setting("trusted_submitters", list, [], "peer ids whose signed jobs this node accepts (its own always)"),
+    Setting("allowed_peers", list, [], "closed network: only these peer ids may talk to this node (empty = all)"),
+    Setting("coordinator", str, "", "CS mode: multiaddr of the coordinator (only helps the node connect)"),
+    Setting("worker_threads", int, 0, "torch threads in the training worker (0 = cores - 1, at least 1)",
+            minimum=0, maximum=256),
+    Setting("worker_nice", int, 10, "nice level of the training worker (keeps the network loop responsive)",
+            minimum=0, maximum=19),
+    Setting("compute_slowdown", float, 1.0, "emulate a slower device: training takes this many times longer "
+            "and the advertised compute shrinks accordingly (scenarios)", minimum=1.0, maximum=1000),
+    Setting("log_level", str, "info", "log verbosity", choices=LOG_LEVELS),
+    Setting("test_faults", str, "", "TEST ONLY fault hooks (see OPERATIONS.md); refused unless given explicitly"),
+)
+SETTING_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@dataclass
+class NodeConfig:
+    home: Path
+    network: str = "snake"
+    role: str = "node"
+    listen: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/4001"])
+    announce: list[str] = field(default_factory=list)
+    bootstrap: list[str] = field(default_factory=list)
+    mdns: bool = False
+    data: str = ""
+    partition: str = "iid"
+    shard: str = "0/1"
+    seed: int = 0
+    memory_budget_mb: int = 0
+    ping_interval_s: float = 1.0
+    ping_timeout_s: float = 1.5
+    ping_misses: int = 2
+    profile_refresh_s: float = 15.0
+    profile_ttl_s: float = 60.0
+    max_peers: int = 64
+    trusted_submitters: list[str] = field(default_factory=list)
+    allowed_peers: list[str] = field(default_factory=list)
+    coordinator: str = ""
+    worker_threads: int = 0
+    worker_nice: int = 10
+    compute_slowdown: float = 1.0
+    log_level: str = "info"
+    test_faults: str = ""
+    sources: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def memory_mb(self) -> int:
+        return self.memory_budget_mb or _default_memory_mb()
+
+    @property
+    def threads(self) -> int:
+        return self.worker_threads or max(1, (os.cpu_count() or 2) - 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("sources",)}
+        out["home"] = str(self.home)
+        return out
+
+
+def _coerce(setting: Setting, value: Any, source: str) -> Any:
+    where = f"setting {setting.name!r} (from {source})"
+    kind = setting.kind
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if isinstance(value, str) and value.lower() in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError
+        if kind is list:
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+                return list(value)
+            raise ValueError
+        if kind is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if kind is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        pass
+    expected = {bool: "true or false", list: "a list of strings", int: "an integer", float: "a number",
+                str: "a string"}[kind]
+    raise ConfigError(f"{where} must be {expected}, got {value!r}")
+
+
+def _check(setting: Setting, value: Any, source: str) -> None:
+    where = f"setting {setting.name!r} (from {source})"
+    if setting.choices and value not in setting.choices:
+        raise ConfigError(f"{where} must be one of {', '.join(setting.choices)}; got {value!r}")
+    if setting.minimum is not None and value < setting.minimum:
+        raise ConfigError(f"{where} must be >= {setting.minimum}; got {value!r}")
+    if setting.maximum is not None and value > setting.maximum:
+        raise ConfigError(f"{where} must be <= {setting.maximum}; got {value!r}")
+
+
+def _validate_semantics(cfg: NodeConfig) -> None:
+    from snakenode import identity
+
+    def src(name: str) -> str:
+        return cfg.sources.get(name, "default")
+
+    if not NETWORK_RE.match(cfg.network):
+        raise ConfigError(
+            f"setting 'network' (from {src('network')}) must be 1-32 characters of a-z, 0-9, '-', '_'; "
+            f"got {cfg.network!r}"
+        )
+    for name in ("listen", "announce", "bootstrap"):
+        for addr in getattr(cfg, name):
+            if not addr.startswith("/"):
+                raise ConfigError(f"setting {name!r} (from {src(name)}): {addr!r} is not a multiaddr "
+                                  f"(expected e.g. /ip4/0.0.0.0/tcp/4001)")
+    if not cfg.listen:
+        raise ConfigError("setting 'listen' is empty: give at least one address, e.g. /ip4/0.0.0.0/tcp/0")
+    for addr in cfg.bootstrap:
+        if "/p2p/" not in addr:
+            raise ConfigError(
+                f"setting 'bootstrap' (from {src('bootstrap')}): {addr!r} lacks /p2p/PEER_ID; "
+                f"copy the full address that `python -m bootstrap` printed"
+            )
+    for name in ("trusted_submitters", "allowed_peers"):
+        for pid in getattr(cfg, name):
+            try:
+                identity.public_key_from_peer_id(pid)
+            except ValueError as exc:
+                raise ConfigError(f"setting {name!r} (from {src(name)}): {exc}") from None
+    if cfg.data:
+        from snakenode.train import data as data_mod
+
+        try:
+            data_mod.DataSpec.from_flags(cfg.data, cfg.partition, cfg.shard, cfg.seed)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    if cfg.ping_timeout_s > cfg.ping_interval_s * 5:
+        raise ConfigError("setting 'ping_timeout_s' must be at most 5x 'ping_interval_s' "
+                          f"(got {cfg.ping_timeout_s} vs {cfg.ping_interval_s})")
+
+
+def load(home: Path, flags: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> NodeConfig:
+    """Merge file < environment < flags (flags whose value is None are 'not given') and validate."""
+    home = Path(home).expanduser().resolve()
+    env = dict(os.environ) if env is None else env
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+
+    path = home / CONFIG_FILE
+    if path.exists():
+        try:
+            doc = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}; fix or remove it") from None
+        for key, value in doc.items():
+            if key not in SETTING_BY_NAME:
+                raise ConfigError(
+                    f"unknown setting {key!r} in {path}; known settings: {', '.join(SETTING_BY_NAME)}"
+                )
+            values[key] = _coerce(SETTING_BY_NAME[key], value, str(path))
+            sources[key] = str(path)
+
+    for setting in SETTINGS:
+        var = ENV_PREFIX + setting.name.upper()
+        if var in env:
+            values[setting.name] = _coerce(setting, env[var], f"${var}")
+            sources[setting.name] = f"${var}"
+
+    for key, value in (flags or {}).items():
+        if value is None or (isinstance(value, list | tuple) and not value and key in values):
+            continue
+        if key not in SETTING_BY_NAME:
+            raise ConfigError(f"unknown setting {key!r}")
+        values[key] = _coerce(SETTING_BY_NAME[key], value, f"--{key.replace('_', '-')}")
+        sources[key] = f"--{key.replace('_', '-')}"
+
+    for key, value in values.items():
+        _check(SETTING_BY_NAME[key], value, sources[key])
+    cfg = NodeConfig(home=home, **values, sources=sources)
+    _validate_semantics(cfg)
+    return cfg
+
+
+def operations_table() -> str:
+    """Markdown table of every setting, for docs/OPERATIONS.md (a test keeps the doc in sync)."""
+    lines = ["| setting | env | type | default | meaning |", "|---|---|---|---|---|"]
+    for s in SETTINGS:
+        kind = s.kind.__name__
+        if s.choices:
+            kind += " (" + "/".join(s.choices) + ")"
+        default = s.default if s.default not in ("", []) else "—"
+        lines.append(f"| `{s.name}` | `{ENV_PREFIX}{s.name.upper()}` | {kind} | `{default}` | {s.help} |")
+    return "\n".join(lines)

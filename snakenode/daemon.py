@@ -1,0 +1,132 @@
+"""The training daemon: the network service plus local data, the worker, and the snake protocol.
+
+The daemon never imports torch; the worker process does all torch work and is started when first
+needed (the compute benchmark at first start, then jobs). Its result is cached in HOME so later starts
+advertise compute at once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from snakenode import logs
+from snakenode.config import NodeConfig
+from snakenode.identity import Identity
+from snakenode.net.service import NetService
+
+log = logs.get("daemon")
+
+COMPUTE_CACHE = "cache/compute.json"
+# The worker is closed after this long without work, so an idle node stays small (no torch in memory).
+WORKER_IDLE_S = 60.0
+
+
+class Daemon:
+    def __init__(self, cfg: NodeConfig, ident: Identity) -> None:
+        self.cfg = cfg
+        self.ident = ident
+        self.service = NetService(cfg, ident)
+        self.data_spec: Any = None
+        self.worker: Any = None
+        self._worker_lock = trio.Lock()
+        self._worker_last_used = 0.0
+        svc = self.service
+        svc.profile_fields["memory_mb"] = cfg.memory_mb
+        if cfg.data:
+            from snakenode.train import data as data_mod
+
+            self.data_spec = data_mod.DataSpec.from_flags(cfg.data, cfg.partition, cfg.shard, cfg.seed)
+            t0 = time.monotonic()
+            svc.profile_fields["data"] = data_mod.stats(self.data_spec)
+            log.info("data_loaded", dataset=self.data_spec.name, samples=svc.profile_fields["data"]["samples"],
+                     seconds=round(time.monotonic() - t0, 3))
+        cached = self._read_compute_cache()
+        if cached is not None:
+            svc.profile_fields["compute"] = self._scaled(cached)
+
+    # --- worker -------------------------------------------------------------------------------
+    def get_worker(self) -> Any:
+        if self.worker is None:
+            from snakenode.train.client import WorkerClient
+
+            self.worker = WorkerClient(self.cfg.home, threads=self.cfg.threads, nice=self.cfg.worker_nice)
+        return self.worker
+
+    async def worker_call(self, op: str, args: dict[str, Any], on_event: Any = None) -> Any:
+        async with self._worker_lock:
+            try:
+                return await self.get_worker().call(op, args, on_event=on_event)
+            finally:
+                self._worker_last_used = time.monotonic()
+
+    async def _worker_reaper(self) -> None:
+        while True:
+            await trio.sleep(5)
+            if (self.worker is not None and not self._worker_lock.locked()
+                    and time.monotonic() - self._worker_last_used > WORKER_IDLE_S):
+                async with self._worker_lock:
+                    await self.worker.aclose()
+                    self.worker = None
+                    log.debug("worker_closed", reason="idle")
+
+    # --- compute score ------------------------------------------------------------------------
+    def _cache_path(self) -> Path:
+        return self.cfg.home / COMPUTE_CACHE
+
+    def _read_compute_cache(self) -> dict[str, Any] | None:
+        try:
+            obj = json.loads(self._cache_path().read_text())
+            if isinstance(obj.get("samples_per_s"), int | float) and obj["samples_per_s"] > 0:
+                return {"samples_per_s": float(obj["samples_per_s"]), "workload": str(obj.get("workload", ""))}
+        except (FileNotFoundError, json.JSONDecodeError, AttributeError, UnicodeDecodeError):
+            pass
+        return None
+
+    def _scaled(self, measured: dict[str, Any]) -> dict[str, Any]:
+        return {"samples_per_s": round(measured["samples_per_s"] / self.cfg.compute_slowdown, 3),
+                "workload": measured["workload"]}
+
+    async def _measure_compute(self) -> None:
+        if self._read_compute_cache() is not None:
+            return
+        t0 = time.monotonic()
+        try:
+            result = await self.worker_call("benchmark", {})
+        except Exception as exc:  # noqa: BLE001 - the node still works; routing treats compute as unknown
+            self.service.counters.add("error.compute_benchmark")
+            log.warning("compute_benchmark_failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        measured = {"samples_per_s": float(result["samples_per_s"]), "workload": str(result.get("workload", ""))}
+        from snakenode.home import write_json_atomic
+
+        write_json_atomic(self._cache_path(), measured)
+        self.service.profile_fields["compute"] = self._scaled(measured)
+        self.service.profile_changed()
+        log.info("compute_measured", samples_per_s=measured["samples_per_s"],
+                 seconds=round(time.monotonic() - t0, 2))
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    async def _extra(self, nursery: trio.Nursery) -> None:
+        nursery.start_soon(self._worker_reaper)
+        nursery.start_soon(self._measure_compute)
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(self._run_service)
+                task_status.started()
+        finally:
+            if self.worker is not None:
+                with trio.move_on_after(2, shield=True):
+                    await self.worker.aclose()
+
+    async def _run_service(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        await self.service.run(task_status, extra=self._extra)
+
+    def cleanup(self) -> None:
+        self.service.cleanup()
