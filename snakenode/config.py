@@ -214,6 +214,16 @@ def _validate_semantics(cfg: NodeConfig) -> None:
             data_mod.DataSpec.from_flags(cfg.data, cfg.partition, cfg.shard, cfg.seed)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+    if cfg.test_faults:
+        if src("test_faults").endswith(CONFIG_FILE):
+            raise ConfigError("test_faults cannot come from the config file: pass --test-faults explicitly "
+                              "(fault hooks crash and freeze the node on purpose)")
+        from snakenode.faults import FaultSpecError, parse
+
+        try:
+            parse(cfg.test_faults)
+        except FaultSpecError as exc:
+            raise ConfigError(f"--test-faults: {exc}") from None
     if cfg.ping_timeout_s > cfg.ping_interval_s * 5:
         raise ConfigError("setting 'ping_timeout_s' must be at most 5x 'ping_interval_s' "
                           f"(got {cfg.ping_timeout_s} vs {cfg.ping_interval_s})")

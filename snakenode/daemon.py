@@ -16,6 +16,7 @@ import trio
 
 from snakenode import logs
 from snakenode.config import NodeConfig
+from snakenode.faults import Faults
 from snakenode.identity import Identity
 from snakenode.net.service import NetService
 
@@ -31,6 +32,9 @@ class Daemon:
         self.cfg = cfg
         self.ident = ident
         self.service = NetService(cfg, ident)
+        self.faults = Faults(cfg.test_faults)
+        if self.faults.enabled:
+            log.warning("test_faults_enabled", spec=cfg.test_faults)
         self.data_spec: Any = None
         self.worker: Any = None
         self._worker_lock = trio.Lock()
@@ -111,7 +115,17 @@ class Daemon:
                  seconds=round(time.monotonic() - t0, 2))
 
     # --- lifecycle ----------------------------------------------------------------------------
+    async def _raising_handler(self, io: Any) -> None:
+        await io.read_exact(1)
+        self.faults.check("handler")
+        raise RuntimeError("test handler reached its end without an injected fault")
+
     async def _extra(self, nursery: trio.Nursery) -> None:
+        if self.faults.has("handler"):
+            from snakenode.net import host as host_mod
+
+            host_mod.register(self.service.host, "/snake/test-raise/1.0.0", "test-raise", self._raising_handler,
+                              self.service.counters)
         nursery.start_soon(self._worker_reaper)
         nursery.start_soon(self._measure_compute)
 

@@ -98,15 +98,24 @@ class Discovery:
                 if not maddrs:
                     self.table.on_dial_failed(pid, time.monotonic())
                     return
+                peer = ID.from_base58(pid)
+                # We run our own per-peer backoff. libp2p's negative dial cache (60 s) and the stale
+                # addresses it keeps in the peerstore would otherwise stop us from reaching a peer that
+                # restarted on a new port until the cache expires.
+                network = self.host.get_network()
+                if hasattr(network, "unblock_peer"):
+                    network.unblock_peer(peer)
+                if not self.table.get(pid).connected:
+                    self.host.get_peerstore().clear_addrs(peer)
                 try:
                     with trio.fail_after(DIAL_TIMEOUT_S):
-                        await self.host.connect(PeerInfo(ID.from_base58(pid), maddrs))
+                        await self.host.connect(PeerInfo(peer, maddrs))
                 except trio.Cancelled:
                     raise
                 except BaseException as exc:  # noqa: BLE001 - every failure means: back off, retry later
                     delay = self.table.on_dial_failed(pid, time.monotonic())
                     self.counters.add("dial.failed")
-                    log.debug("dial_failed", peer=pid, retry_in_s=round(delay, 2), error=type(exc).__name__)
+                    log.debug("dial_failed", peer=pid, retry_in_s=round(delay, 2), error=f"{type(exc).__name__}: {exc}"[:300])
                     return
                 self.counters.add("dial.ok")
                 self.on_connected(pid)

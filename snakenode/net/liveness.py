@@ -28,6 +28,10 @@ from snakenode.net.peers import PeerTable
 
 log = logs.get("liveness")
 
+# A ping that "timed out" after several times its deadline means our own process was suspended
+# (SIGSTOP, a laptop lid, a starved event loop): not evidence against the peer.
+SUSPENDED_FACTOR = 3.0
+
 
 class _Notifee(INotifee):
     """Forwards connection events into a trio channel; libp2p calls these from its own tasks."""
@@ -144,6 +148,10 @@ class Liveness:
                         stream = None
                     if not self.table.get(pid).connected:
                         break
+                    if now - t0 > self.timeout_s * SUSPENDED_FACTOR:
+                        # Far past the deadline: this process was frozen or starved, not the peer.
+                        self.counters.add("ping.self_suspended")
+                        continue
                     if self.table.on_ping_miss(pid, now):
                         log.info("peer_down", peer=pid, reason="unresponsive",
                                  misses=self.table.ping_misses)

@@ -188,6 +188,17 @@ class PeerTable:
             del self.entries[pid]
         return gone
 
+    def view_all(self, now: float) -> list[dict[str, Any]]:
+        """Every entry, live or not, with its liveness bookkeeping (`snakenode peers --all`)."""
+        return [{
+            "peer_id": e.peer_id, "role": e.role, "addrs": e.addrs, "live": e.live, "connected": e.connected,
+            "down_reason": e.down_reason or None, "has_profile": e.profile is not None,
+            "profile_age_s": round(now - e.profile_at, 3) if e.profile is not None else None,
+            "last_seen_s": round(max(0.0, now - e.last_seen), 3), "misses": e.misses,
+            "dial_failures": e.dial_failures, "next_dial_in_s": round(max(0.0, e.next_dial - now), 3),
+            "bootstrap": e.is_bootstrap,
+        } for e in sorted(self.entries.values(), key=lambda e: e.peer_id)]
+
     def view(self, now: float) -> list[dict[str, Any]]:
         """The `snakenode peers --json` rows: live peers with a profile, never ourselves."""
         rows = []

@@ -178,6 +178,12 @@ class NetService:
         return self.status()
 
     async def _op_peers(self, args: wire.Fields) -> Any:
+        if args.bool("all", required=False):
+            rows = self.table.view_all(time.monotonic())
+            connected = self.liveness.connected_ids() if self.liveness else set()
+            for r in rows:
+                r["libp2p_connected"] = r["peer_id"] in connected
+            return rows
         return self.table.view(time.monotonic())
 
     def register_ops(self, ops: dict[str, Callable[[wire.Fields], Awaitable[Any]]]) -> None:
