@@ -181,6 +181,11 @@ class Net:
         self.procs[name] = proc
         return proc
 
+    def start_argv(self, name: str, argv: list[str]) -> Proc:
+        proc = Proc(name, self.home(name), argv, self.root / f"{name}.log", self.env)
+        self.procs[name] = proc
+        return proc
+
     def logs(self) -> str:
         return "\n".join(p.tail() for p in self.procs.values())
 

@@ -1,0 +1,205 @@
+"""Linux network namespaces as stand-in hosts: one namespace per host on a bridge, real separate IPs.
+
+Each lab owns a bridge in the root namespace and, per host, a namespace with a veth pair (`eth0` inside,
+the other end on the bridge). Links can be cut (`link_down`/`link_up`) and shaped with `tc tbf`
+(bandwidth; this kernel has no netem, so no added latency). Everything a lab creates is recorded in a
+state file under STATE_DIR before it is created, so `cleanup_stale()` removes the leftovers of a lab
+whose runner was killed (owner pid gone) — no namespace or veth is ever left behind for long.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STATE_DIR = Path(os.environ.get("SNAKENODE_NETNS_STATE", "/run/snakenode-netns"))
+
+
+class NetnsError(Exception):
+    pass
+
+
+def available() -> tuple[bool, str]:
+    """Whether this process can build labs; the reason when it cannot (for skips and refusals)."""
+    if os.geteuid() != 0:
+        return False, "network namespaces need root (run as root, or use the local backend)"
+    if shutil.which("ip") is None:
+        return False, "the `ip` command (iproute2) is missing: apt-get install iproute2"
+    return True, ""
+
+
+def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(list(argv), capture_output=True, text=True, timeout=30)
+    if check and r.returncode != 0:
+        raise NetnsError(f"{' '.join(argv)} failed: {r.stderr.strip()}")
+    return r
+
+
+@dataclass
+class Host:
+    name: str
+    ns: str
+    ip: str
+    veth_root: str
+    index: int
+
+
+@dataclass
+class Lab:
+    """A bridge plus namespaces. Use as a context manager; `close()` is idempotent."""
+
+    tag: str = field(default_factory=lambda: f"{os.getpid() % 100000}")
+    subnet: str = "10.231"
+    hosts: dict[str, Host] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        ok, why = available()
+        if not ok:
+            raise NetnsError(why)
+        cleanup_stale()
+        self.bridge = f"snkb{self.tag}"
+        self.state_file = STATE_DIR / f"{self.tag}.json"
+        self._closed = False
+        self._save()
+        _run("ip", "link", "add", self.bridge, "type", "bridge")
+        _run("ip", "link", "set", self.bridge, "up")
+
+    def _save(self) -> None:
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        self.state_file.write_text(json.dumps({
+            "owner": os.getpid(), "bridge": self.bridge,
+            "namespaces": [h.ns for h in self.hosts.values()],
+            "veths": [h.veth_root for h in self.hosts.values()],
+        }))
+
+    def add_host(self, name: str) -> Host:
+        i = len(self.hosts) + 2
+        if i > 250:
+            raise NetnsError("a lab holds at most 249 hosts")
+        host = Host(name=name, ns=f"snk{self.tag}-{i}", ip=f"{self.subnet}.0.{i}", veth_root=f"snk{self.tag}h{i}",
+                    index=i)
+        self.hosts[name] = host
+        self._save()  # recorded before creation: a crash mid-way still gets cleaned up
+        peer = f"snk{self.tag}c{i}"
+        _run("ip", "netns", "add", host.ns)
+        _run("ip", "link", "add", host.veth_root, "type", "veth", "peer", "name", peer)
+        _run("ip", "link", "set", host.veth_root, "master", self.bridge, "up")
+        _run("ip", "link", "set", peer, "netns", host.ns)
+        _run("ip", "-n", host.ns, "link", "set", peer, "name", "eth0")
+        _run("ip", "-n", host.ns, "addr", "add", f"{host.ip}/16", "dev", "eth0")
+        _run("ip", "-n", host.ns, "link", "set", "eth0", "up")
+        _run("ip", "-n", host.ns, "link", "set", "lo", "up")
+        return host
+
+    def argv(self, name: str, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.hosts[name].ns, *argv]
+
+    def link_down(self, name: str) -> None:
+        _run("ip", "link", "set", self.hosts[name].veth_root, "down")
+
+    def link_up(self, name: str) -> None:
+        _run("ip", "link", "set", self.hosts[name].veth_root, "up")
+
+    def partition(self, group_a: list[str], group_b: list[str]) -> None:
+        """Cut traffic between two groups (both stay reachable within their group) with a second bridge."""
+        side = f"snkp{self.tag}"
+        _run("ip", "link", "add", side, "type", "bridge", check=False)
+        _run("ip", "link", "set", side, "up")
+        for name in group_b:
+            _run("ip", "link", "set", self.hosts[name].veth_root, "master", side)
+        self.partition_bridge = side
+
+    def heal(self) -> None:
+        for host in self.hosts.values():
+            _run("ip", "link", "set", host.veth_root, "master", self.bridge)
+        side = getattr(self, "partition_bridge", None)
+        if side:
+            _run("ip", "link", "del", side, check=False)
+            self.partition_bridge = None
+
+    def set_rate(self, name: str, rate: str | None) -> None:
+        """Egress bandwidth of a host (e.g. "1mbit"); None removes the limit. Applied inside its namespace."""
+        ns = self.hosts[name].ns
+        _run("ip", "netns", "exec", ns, "tc", "qdisc", "del", "dev", "eth0", "root", check=False)
+        if rate:
+            _run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", rate,
+                 "burst", "32kbit", "latency", "400ms")
+
+    def counters(self, name: str) -> dict[str, int]:
+        """Bytes through the host's eth0 (its side of the link): what the host sent and received."""
+        ns = self.hosts[name].ns
+        out = {}
+        for key in ("rx_bytes", "tx_bytes"):
+            r = _run("ip", "netns", "exec", ns, "cat", f"/sys/class/net/eth0/statistics/{key}")
+            out[key] = int(r.stdout.strip())
+        return out
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        _teardown({"bridge": self.bridge, "namespaces": [h.ns for h in self.hosts.values()],
+                   "veths": [h.veth_root for h in self.hosts.values()],
+                   "extra_bridges": [getattr(self, "partition_bridge", None) or ""]})
+        try:
+            self.state_file.unlink()
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _kill_ns_processes(ns: str) -> None:
+    r = _run("ip", "netns", "pids", ns, check=False)
+    for pid in r.stdout.split():
+        try:
+            os.kill(int(pid), 9)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+def _teardown(state: dict[str, object]) -> None:
+    for ns in state.get("namespaces", []) or []:  # type: ignore[union-attr]
+        _kill_ns_processes(str(ns))
+        _run("ip", "netns", "del", str(ns), check=False)
+    for veth in state.get("veths", []) or []:  # type: ignore[union-attr]
+        _run("ip", "link", "del", str(veth), check=False)
+    for br in [state.get("bridge"), *(state.get("extra_bridges", []) or [])]:  # type: ignore[misc]
+        if br:
+            _run("ip", "link", "del", str(br), check=False)
+    tag = str(state.get("bridge", ""))[4:]
+    if tag:
+        _run("ip", "link", "del", f"snkp{tag}", check=False)
+
+
+def cleanup_stale() -> list[str]:
+    """Tear down labs whose owner process is gone (a killed runner); returns their tags."""
+    removed = []
+    if not STATE_DIR.exists():
+        return removed
+    for path in STATE_DIR.glob("*.json"):
+        try:
+            state = json.loads(path.read_text())
+            owner = int(state.get("owner", 0))
+        except (json.JSONDecodeError, OSError, ValueError):
+            continue
+        alive = True
+        try:
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            alive = True
+        if not alive:
+            _teardown(state)
+            path.unlink(missing_ok=True)
+            removed.append(path.stem)
+    return removed
