@@ -179,6 +179,164 @@ def peers(home: Path = HomeOpt, as_json: bool = JsonOpt) -> None:
     _console().print(t)
 
 
+# --- jobs --------------------------------------------------------------------------------------------
+@app.command()
+def submit(
+    job_file: Path = typer.Argument(..., help="job spec (TOML); see jobs/ for examples"),
+    home: Path = HomeOpt,
+    mode: str = typer.Option(None, "--mode", help="p2p or cs: overrides the job's `mode` key"),
+    coordinator: str = typer.Option(None, "--coordinator", help="CS mode: the coordinator's peer id "
+                                    "(default: the submitting node when --mode cs is given on a coordinator)"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Sign a job with this node's key and submit it; prints the job id."""
+    from snakenode import identity
+    from snakenode.snake import job as job_mod
+
+    try:
+        spec = job_mod.load_spec(job_file)
+        if mode is not None:
+            if mode == "cs" and not coordinator and not spec.get("coordinator"):
+                coordinator = identity.load(home.expanduser().resolve()).peer_id
+            spec = job_mod.with_mode(spec, mode, coordinator)
+        ident = identity.load(home.expanduser().resolve())
+        signed = job_mod.sign_job(spec, ident)
+    except job_mod.JobSpecError as exc:
+        _fail(f"{job_file}: {exc}")
+    except (OSError, identity.IdentityError) as exc:
+        _fail(str(exc))
+    result = _call(home, "submit", {"job": signed.encode()}, timeout=10)
+    if as_json:
+        _print_json(result)
+    else:
+        print(result["job_id"])
+
+
+def _short(pid: str | None) -> str:
+    return "-" if not pid else pid[-8:]
+
+
+def _fmt_metrics(m: dict[str, Any] | None) -> str:
+    if not m:
+        return "-"
+    if "accuracy" in m:
+        return f"acc={m['accuracy']:.3f}"
+    if "perplexity" in m:
+        return f"ppl={m['perplexity']:.2f}"
+    return f"loss={m.get('loss', float('nan')):.3f}"
+
+
+@app.command()
+def jobs(home: Path = HomeOpt, as_json: bool = JsonOpt) -> None:
+    """Jobs this node knows, with their progress."""
+    rows = _call(home, "jobs")
+    if as_json:
+        _print_json(rows)
+        return
+    from rich.table import Table
+
+    t = Table(title=f"{len(rows)} jobs")
+    for col in ("job", "name", "status", "joined", "hop", "lap", "holder", "window", "metric"):
+        t.add_column(col)
+    for r in rows:
+        w = r.get("window")
+        t.add_row(r["job_id"], str(r.get("name")), r["status"], "yes" if r["joined"] else "no",
+                  str(r.get("hop", "-")), f"{r.get('lap', '-')}/{r.get('laps')}", _short(r.get("holder")),
+                  "-" if not w else f"[{w['start']},{w['end']})", _fmt_metrics(r.get("metrics")))
+    _console().print(t)
+
+
+def _record_line(rec: dict[str, Any]) -> str:
+    import time as _time
+
+    w = rec.get("window")
+    b = rec.get("bytes") or {}
+    moved = b.get("bundle_in", 0) + b.get("bundle_out", 0)
+    extra = ""
+    if rec["event"] == "trained":
+        extra = f" {_fmt_metrics(rec.get('metrics_before'))} -> {_fmt_metrics(rec.get('metrics_after'))}"
+        if rec.get("t_train_start") and rec.get("t_train_end"):
+            extra += f" in {rec['t_train_end'] - rec['t_train_start']:.1f}s"
+    elif rec.get("detail") and rec["event"] in ("declined", "retry", "superseded", "dropped", "job_complete",
+                                                 "lap_complete"):
+        extra = " " + " ".join(f"{k}={v}" for k, v in rec["detail"].items() if not isinstance(v, dict | list))
+    if moved:
+        extra += f" bytes={moved}"
+    stamp = _time.strftime("%H:%M:%S", _time.localtime(rec["t"]))
+    win = "" if not w else f" [{w['start']},{w['end']})"
+    return (f"{stamp} {rec['event']:<12} hop={rec['hop']:<3} att={rec['attempt']} lap={rec['lap']} "
+            f"holder={_short(rec['holder'])}{win}{extra}")
+
+
+@app.command()
+def watch(
+    job_id: str = typer.Argument(..., help="job id (a unique prefix is enough)"),
+    home: Path = HomeOpt,
+    as_json: bool = typer.Option(False, "--json", help="one JSON hop-log record per line"),
+    timeout: float = typer.Option(0, "--timeout", help="give up after this many seconds (0 = never)"),
+    follow: bool = typer.Option(True, "--follow/--no-follow", help="keep watching until the job completes"),
+) -> None:
+    """Live progress of a job: hop, lap, holder, window, metrics, bytes (exits when the job completes)."""
+    import time as _time
+
+    since = 0
+    t0 = _time.monotonic()
+    while True:
+        detail = _call(home, "job", {"job_id": job_id, "since": since})
+        for rec in detail["records"]:
+            print(json.dumps(rec, sort_keys=True) if as_json else _record_line(rec), flush=True)
+        since = detail["total"]
+        summary = detail["summary"]
+        if summary["status"] == "complete" or not follow:
+            if not as_json and summary.get("completed"):
+                c = summary["completed"]
+                print(f"complete: {c['hop'] + 1} hops, {c['lap']} laps, final holder {_short(c['holder'])}, "
+                      f"test {_fmt_metrics(c.get('test'))}", flush=True)
+            return
+        if timeout and _time.monotonic() - t0 > timeout:
+            _fail(f"job {job_id} did not complete within {timeout:g} s (status {summary['status']})")
+        _time.sleep(0.5)
+
+
+@app.command()
+def fetch(
+    job_id: str = typer.Argument(..., help="job id (a unique prefix is enough)"),
+    home: Path = HomeOpt,
+    out: Path = typer.Option(Path("model.safetensors"), "-o", "--out", help="where to write the final model"),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Write a completed job's final model (one safetensors file, loadable by the engine)."""
+    result = _call(home, "fetch", {"job_id": job_id, "out": str(out.expanduser().resolve())}, timeout=600)
+    if as_json:
+        _print_json(result)
+    else:
+        print(f"wrote {result['path']} ({result['bytes']} bytes, {len(result['layers'])} layers, "
+              f"hop {result['hop']}, test {_fmt_metrics(result.get('test'))})")
+
+
+@app.command()
+def resume(job_id: str = typer.Argument(..., help="job id"), home: Path = HomeOpt, as_json: bool = JsonOpt) -> None:
+    """Restart a job whose baton holders were all lost, from the highest committed hop any node holds."""
+    result = _call(home, "resume", {"job_id": job_id}, timeout=60)
+    if as_json:
+        _print_json(result)
+    else:
+        print(f"resumed job {result['job_id']} at hop {result['hop']} (attempt {result['attempt']}) on "
+              f"{_short(result['holder'])} from its {result['phase']} checkpoint")
+
+
+@app.command()
+def bench(home: Path = HomeOpt, seconds: float = typer.Option(5.0, "--seconds", help="how long to measure"),
+          as_json: bool = JsonOpt) -> None:
+    """Re-measure this node's compute score in its worker (runs in the background)."""
+    result = _call(home, "bench", {"seconds": seconds})
+    if as_json:
+        _print_json(result)
+    else:
+        print(f"measuring compute for {seconds:.0f} s; `snakenode status` shows the new score"
+              if result.get("started") else "stopped")
+
+
 # --- trust -------------------------------------------------------------------------------------------
 def _config_path(home: Path) -> Path:
     from snakenode.config import CONFIG_FILE

@@ -8,6 +8,7 @@ advertise compute at once.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,11 @@ class Daemon:
         cached = self._read_compute_cache()
         if cached is not None:
             svc.profile_fields["compute"] = self._scaled(cached)
+        from snakenode.snake.p2p import Snake
+
+        self.snake = Snake(self)
+        self._bench_until = 0.0
+        svc.status_extra.append(self._status_extra)
 
     # --- worker -------------------------------------------------------------------------------
     def get_worker(self) -> Any:
@@ -120,7 +126,88 @@ class Daemon:
         self.faults.check("handler")
         raise RuntimeError("test handler reached its end without an injected fault")
 
+    def _status_extra(self) -> dict[str, Any]:
+        w = self.worker
+        r = self.snake.reservation
+        return {
+            "worker": {"running": bool(w is not None and w.running), "pid": None if w is None else w.pid,
+                       "busy": self._worker_lock.locked()},
+            "snake": {"active": self.snake.active,
+                      "reservation": None if r is None else {"job": r.run.job_id, "hop": r.state.hop,
+                                                             "from": r.proposer}},
+            "jobs": len(self.snake.jobs),
+            "data": self.cfg.data or None,
+            "memory_budget_mb": self.cfg.memory_mb,
+        }
+
+    # --- control ops --------------------------------------------------------------------------
+    async def _op_submit(self, args: Any) -> Any:
+        return await self.snake.submit(args.bytes("job", 64 * 1024))
+
+    async def _op_jobs(self, args: Any) -> Any:
+        return self.snake.jobs_view()
+
+    async def _op_job(self, args: Any) -> Any:
+        return self.snake.job_detail(args.str("job_id", 64), args.int("since", 0, 2**40, required=False))
+
+    async def _op_fetch(self, args: Any) -> Any:
+        out = args.str("out", 4096)
+        if not os.path.isabs(out):
+            from snakenode.control import ControlError
+
+            raise ControlError("out must be an absolute path", "bad_request")
+        return await self.snake.fetch(self._job_id(args.str("job_id", 64)), out)
+
+    async def _op_resume(self, args: Any) -> Any:
+        return await self.snake.resume(self._job_id(args.str("job_id", 64)))
+
+    def _job_id(self, prefix: str) -> str:
+        matches = [j for j in self.snake.jobs if j.startswith(prefix)] if prefix else []
+        return matches[0] if len(matches) == 1 else prefix
+
+    async def _op_reload_trust(self, args: Any) -> Any:
+        from snakenode import config
+
+        cfg = config.load(self.cfg.home, {})
+        self.snake.extra_trusted = set(cfg.trusted_submitters)
+        return {"trusted": sorted(self.snake.trusted())}
+
+    async def _op_bench(self, args: Any) -> Any:
+        """Re-measure compute for `seconds` in the worker (a CPU-heavy torch job), in the background."""
+        seconds = args.float("seconds", 0.0, 3600.0, required=False, default=5.0)
+        if seconds <= 0:
+            if self.worker is not None and self._worker_lock.locked() and self._bench_until:
+                await self.worker.cancel()
+            return {"started": False}
+        if self._worker_lock.locked():
+            from snakenode.control import ControlError
+
+            raise ControlError("the worker is busy (training); try again when the node is idle", "busy")
+        assert self.service.nursery is not None
+        self.service.nursery.start_soon(self._bench, seconds)
+        return {"started": True, "seconds": seconds}
+
+    async def _bench(self, seconds: float) -> None:
+        self._bench_until = time.monotonic() + seconds
+        try:
+            result = await self.worker_call("benchmark", {"seconds": seconds})
+            measured = {"samples_per_s": float(result["samples_per_s"]), "workload": str(result.get("workload", ""))}
+            from snakenode.home import write_json_atomic
+
+            write_json_atomic(self._cache_path(), measured)
+            self.service.profile_fields["compute"] = self._scaled(measured)
+            self.service.profile_changed()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("bench_failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self._bench_until = 0.0
+
     async def _extra(self, nursery: trio.Nursery) -> None:
+        self.service.register_ops({
+            "submit": self._op_submit, "jobs": self._op_jobs, "job": self._op_job, "fetch": self._op_fetch,
+            "resume": self._op_resume, "reload_trust": self._op_reload_trust, "bench": self._op_bench,
+        })
+        await nursery.start(self.snake.run)
         if self.faults.has("handler"):
             from snakenode.net import host as host_mod
 

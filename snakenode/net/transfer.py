@@ -1,0 +1,192 @@
+"""Bundle streams on `/snake/bundle/1.0.0`: a manifest, then raw layer bytes, then an ack.
+
+Sender: one `bundle` frame (the manifest: job, job_state, every layer of the model with its hash, and the
+list of layers it is about to send with the byte offset each one resumes from), then the bytes of those
+layers back to back in 1 MiB writes, then it waits for `ack`.
+
+Receiver: appends each layer's bytes to a partial file in the layer store (hashed as they arrive), so a
+broken stream resumes at the byte where it stopped; reads continuously (py-libp2p resets a Yamux stream
+whose reader stalls 5 s), verifies every finished layer (size, sha256, names/dtypes/shapes against the job's
+schema, finite values) before it enters the store, and acks only when the whole model state is present.
+"""
+
+from __future__ import annotations
+
+import mmap
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from snakenode import wire
+from snakenode.faults import Faults
+from snakenode.net.host import StreamIO
+from snakenode.snake import bundle as bundle_mod
+from snakenode.snake.store import LayerStore, StoreError
+
+CHUNK = 1 << 20  # 1 MiB writes: the measured sweet spot for Noise+Yamux
+ACK_TIMEOUT_S = 120.0  # the receiver verifies every layer before acking; large models take a while
+
+
+class TransferError(Exception):
+    """A bundle that cannot be accepted; `kind` is the counter and the error reported to the sender."""
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass
+class SendItem:
+    entry: bundle_mod.LayerEntry
+    offset: int = 0
+
+
+async def _throttle(t0: float, sent: int, rate: float | None) -> None:
+    if rate:
+        ahead = sent / rate - (time.monotonic() - t0)
+        if ahead > 0:
+            await trio.sleep(ahead)
+
+
+async def send_bundle(io: StreamIO, manifest: bundle_mod.LayerBundle, store: LayerStore, items: list[SendItem],
+                      *, rate: float | None = None, faults: Faults | None = None,
+                      ctx: Mapping[str, Any] | None = None,
+                      on_progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Send the manifest and the listed layers; returns the receiver's ack fields."""
+    await io.write_frame({
+        "t": "bundle",
+        "manifest": manifest.encode(),
+        "send": [{"name": it.entry.name, "hash": it.entry.hash, "offset": it.offset} for it in items],
+    })
+    t0 = time.monotonic()
+    sent = 0
+    for it in items:
+        path = store.path(it.entry.hash)
+        with open(path, "rb") as fh:
+            fh.seek(it.offset)
+            remaining = it.entry.size - it.offset
+            while remaining > 0:
+                chunk = fh.read(min(CHUNK, remaining))
+                if not chunk:
+                    raise TransferError(f"layer {it.entry.name} is shorter on disk than its size", "store_corrupt")
+                await io.write(chunk)
+                remaining -= len(chunk)
+                sent += len(chunk)
+                if on_progress is not None:
+                    on_progress(sent)
+                if faults is not None:
+                    faults.check("send", bytes=sent, **(ctx or {}))
+                await _throttle(t0, sent, rate)
+    kind, f = await io.read_frame(timeout=ACK_TIMEOUT_S)
+    if kind == "error":
+        raise TransferError(f"receiver refused the bundle: {f.str('error', 1000, required=False)}",
+                            f.str("kind", 64, required=False) or "refused")
+    if kind != "ack":
+        raise TransferError(f"expected ack, got {kind!r}", "unexpected")
+    return {"bytes": sent, "seconds": time.monotonic() - t0}
+
+
+@dataclass
+class Incoming:
+    manifest: bundle_mod.LayerBundle
+    send: list[SendItem]
+
+    @property
+    def bytes_expected(self) -> int:
+        return sum(it.entry.size - it.offset for it in self.send)
+
+
+def decode_incoming(f: wire.Fields, max_layers: int = bundle_mod.MAX_LAYERS) -> Incoming:
+    """Strictly decode the `bundle` frame; every layer sent must be listed in the manifest."""
+    raw = f.bytes("manifest", max_len=bundle_mod.MAX_MANIFEST_BYTES)
+    try:
+        manifest = bundle_mod.LayerBundle.decode(raw)
+    except bundle_mod.BundleError as exc:
+        raise TransferError(f"bad manifest: {exc}", exc.code) from None
+    by_name = {e.name: e for e in manifest.layers}
+    send_raw = f.raw("send")
+    if not isinstance(send_raw, list) or len(send_raw) > max_layers:
+        raise TransferError("send must be a list of layers", "malformed")
+    items: list[SendItem] = []
+    seen: set[str] = set()
+    for i, item in enumerate(send_raw):
+        g = wire.Fields(item, f"send[{i}]")
+        name = g.str("name", 256)
+        entry = by_name.get(name)
+        if entry is None or g.str("hash", 64) != entry.hash or name in seen:
+            raise TransferError(f"send[{i}] names {name!r}, which the manifest does not list (or twice)",
+                                "unknown_layer")
+        seen.add(name)
+        items.append(SendItem(entry, g.int("offset", 0, entry.size)))
+    return Incoming(manifest, items)
+
+
+def _verify_file(path: str, entry: bundle_mod.LayerEntry, schema: bundle_mod.LayerEntry) -> None:
+    with open(path, "rb") as fh:
+        size = fh.seek(0, 2)
+        if size == 0:
+            raise bundle_mod.Truncated(entry.name, "empty blob")
+        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            bundle_mod.verify_blob(memoryview(mm), entry, schema=schema)
+
+
+async def receive_layers(io: StreamIO, incoming: Incoming, schema: Mapping[str, bundle_mod.LayerEntry],
+                         store: LayerStore, *, faults: Faults | None = None, ctx: Mapping[str, Any] | None = None,
+                         on_progress: Callable[[int], None] | None = None) -> int:
+    """Read the listed layers into the store, verifying each. Returns the bytes received."""
+    received = 0
+    for it in incoming.send:
+        entry = it.entry
+        sch = schema.get(entry.name)
+        if sch is None:
+            raise TransferError(f"layer {entry.name!r} is not part of this job's model", "unknown_layer")
+        if entry.size != sch.size:
+            raise TransferError(f"layer {entry.name!r} announces {entry.size} bytes, the model's layer has "
+                                f"{sch.size}", "oversize" if entry.size > sch.size else "truncated")
+        if store.has(entry.hash):
+            raise TransferError(f"layer {entry.name!r} was sent although we hold it", "unexpected")
+        try:
+            part = store.open_partial(entry.hash, size=entry.size)
+        except StoreError as exc:
+            raise TransferError(str(exc), "store") from None
+        try:
+            if part.offset != it.offset:
+                raise TransferError(f"layer {entry.name!r}: sender resumes at byte {it.offset}, we hold "
+                                    f"{part.offset}", "offset_mismatch")
+            remaining = entry.size - it.offset
+            while remaining > 0:
+                chunk = await io.read_some(min(CHUNK, remaining))
+                part.write(chunk)
+                remaining -= len(chunk)
+                received += len(chunk)
+                if on_progress is not None:
+                    on_progress(received)
+                if faults is not None:
+                    faults.check("recv", bytes=received, **(ctx or {}))
+        finally:
+            part.close()
+        try:
+            await trio.to_thread.run_sync(_verify_file, str(part.path), entry, sch)
+        except bundle_mod.BundleError as exc:
+            store.discard_partial(entry.hash)
+            raise TransferError(str(exc), exc.code) from None
+        try:
+            store.commit_partial(part)
+        except StoreError as exc:
+            raise TransferError(str(exc), "hash_mismatch") from None
+    return received
+
+
+def plan_send(manifest_layers: list[bundle_mod.LayerEntry], held: set[str], partial: Mapping[str, int]
+              ) -> list[SendItem]:
+    """The layers a receiver lacks, resuming partial downloads where they stopped."""
+    items = []
+    for e in manifest_layers:
+        if e.hash in held:
+            continue
+        off = int(partial.get(e.hash, 0))
+        items.append(SendItem(e, off if 0 <= off < e.size else 0))
+    return items

@@ -1,0 +1,152 @@
+"""Snake protocol messages: negotiation, leases and state queries, progress and job gossip (codecs only).
+
+Each decoder takes a `wire.Fields` (already size-limited msgpack) and returns plain typed values, or
+raises WireError naming the field. docs/PROTOCOL.md documents every message here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from snakenode import wire
+from snakenode.snake.state import JobState, StateError
+
+DECLINE_REASONS = (
+    "busy",            # training or reserved for another hop
+    "memory",          # not even window.min_blocks fits the node's memory budget
+    "time",            # not even window.min_blocks fits window.hop_time_s
+    "not_joined",      # the node has no matching data for the job
+    "untrusted",       # the job's submitter is not trusted here
+    "bad_job",         # the signed job does not verify
+    "stale",           # a later (hop, attempt) or a winning lineage is known
+    "not_ready",       # the node is still preparing the job (model init)
+    "poison_suspect",  # the incoming model failed the poisoning guard
+    "test_fault",      # injected by --test-faults
+    "error",           # anything else; detail says what
+)
+MAX_HELD = 100_000
+MAX_LAYERS = 4096
+STATE_LIMIT = 1 * 2**20
+
+
+def _state(f: wire.Fields, key: str = "state") -> JobState:
+    raw = f.raw(key)
+    try:
+        return JobState.from_dict(raw)
+    except (StateError, ValueError, TypeError, KeyError) as exc:
+        raise wire.WireError(f"{f.where}.{key}: {exc}", "bad_state") from None
+
+
+def _hash_map(f: wire.Fields, key: str, values: str = "hash") -> dict[str, Any]:
+    raw = f.raw(key, required=False, default={})
+    if not isinstance(raw, dict) or len(raw) > MAX_LAYERS:
+        raise wire.WireError(f"{f.where}.{key} must be a map of at most {MAX_LAYERS} entries", "malformed")
+    out: dict[str, Any] = {}
+    for k, v in raw.items():
+        if values == "hash":
+            if not isinstance(k, str) or len(k) > 256 or not isinstance(v, str) or not wire.HEX64_RE.match(v):
+                raise wire.WireError(f"{f.where}.{key} must map layer names to sha256 hex", "malformed")
+        else:  # hash -> offset
+            if (not isinstance(k, str) or not wire.HEX64_RE.match(k) or isinstance(v, bool)
+                    or not isinstance(v, int) or v < 0):
+                raise wire.WireError(f"{f.where}.{key} must map sha256 hex to byte offsets", "malformed")
+        out[k] = v
+    return out
+
+
+# --- negotiate ---------------------------------------------------------------------------------------
+@dataclass
+class Propose:
+    job_id: str
+    job: bytes  # the signed job, so a node that missed the announcement can verify and join on the spot
+    state: JobState
+    suggested: int
+    layers: dict[str, str]  # manifest summary: layer name -> hash of the model being handed over
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"t": "propose", "job_id": self.job_id, "job": self.job, "state": self.state.to_dict(),
+                "suggested": self.suggested, "layers": self.layers}
+
+    @classmethod
+    def from_wire(cls, f: wire.Fields) -> Propose:
+        job_id = f.str("job_id", 16, pattern=wire.JOB_ID_RE)
+        state = _state(f)
+        if state.job_id != job_id:
+            raise wire.WireError("propose.state is for another job", "malformed")
+        return cls(job_id, f.bytes("job", 64 * 1024), state, f.int("suggested", 1, 100_000),
+                   _hash_map(f, "layers"))
+
+
+@dataclass
+class Accept:
+    job_id: str
+    hop: int
+    attempt: int
+    size: int
+    held: list[str]
+    partial: dict[str, int] = field(default_factory=dict)
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"t": "accept", "job_id": self.job_id, "hop": self.hop, "attempt": self.attempt,
+                "size": self.size, "held": self.held, "partial": self.partial}
+
+    @classmethod
+    def from_wire(cls, f: wire.Fields) -> Accept:
+        held = f.raw("held")
+        if not isinstance(held, list) or len(held) > MAX_HELD or not all(
+                isinstance(h, str) and wire.HEX64_RE.match(h) for h in held):
+            raise wire.WireError("accept.held must be a list of sha256 hex", "malformed")
+        return cls(f.str("job_id", 16, pattern=wire.JOB_ID_RE), f.int("hop"), f.int("attempt"),
+                   f.int("size", 1, 100_000), held, _hash_map(f, "partial", values="offset"))
+
+
+@dataclass
+class Decline:
+    job_id: str
+    reason: str
+    detail: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"t": "decline", "job_id": self.job_id, "reason": self.reason, "detail": self.detail[:500]}
+
+    @classmethod
+    def from_wire(cls, f: wire.Fields) -> Decline:
+        return cls(f.str("job_id", 16, pattern=wire.JOB_ID_RE), f.choice("reason", DECLINE_REASONS),
+                   f.str("detail", 500, required=False))
+
+
+# --- state protocol ------------------------------------------------------------------------------------
+@dataclass
+class ClaimRef:
+    """(job, hop, attempt, lineage): the hop attempt a lease, release or resume query is about."""
+
+    job_id: str
+    hop: int
+    attempt: int
+    lineage: str
+
+    def to_wire(self, t: str, **extra: Any) -> dict[str, Any]:
+        return {"t": t, "job_id": self.job_id, "hop": self.hop, "attempt": self.attempt,
+                "lineage": self.lineage, **extra}
+
+    @classmethod
+    def from_wire(cls, f: wire.Fields) -> ClaimRef:
+        return cls(f.str("job_id", 16, pattern=wire.JOB_ID_RE), f.int("hop"), f.int("attempt"),
+                   f.str("lineage", 64, pattern=wire.HEX64_RE))
+
+    @classmethod
+    def of(cls, state: JobState) -> ClaimRef:
+        return cls(state.job_id, state.hop, state.attempt, state.lineage)
+
+
+def decode_layer_list(f: wire.Fields, key: str = "hashes") -> list[str]:
+    raw = f.raw(key)
+    if not isinstance(raw, list) or len(raw) > MAX_LAYERS or not all(
+            isinstance(h, str) and wire.HEX64_RE.match(h) for h in raw):
+        raise wire.WireError(f"{f.where}.{key} must be a list of sha256 hex", "malformed")
+    return raw
+
+
+def decode_model_state(f: wire.Fields, key: str = "model") -> dict[str, str]:
+    return _hash_map(f, key)
