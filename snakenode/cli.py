@@ -337,6 +337,25 @@ def bench(home: Path = HomeOpt, seconds: float = typer.Option(5.0, "--seconds", 
               if result.get("started") else "stopped")
 
 
+@app.command()
+def demo(
+    nodes: int = typer.Option(4, "--nodes", min=2, max=32, help="training nodes (plus one bootstrap peer)"),
+    laps: int = typer.Option(None, "--laps", min=1, help="laps (default: the job's)"),
+    dataset: str = typer.Option("digits", "--dataset", help="local data of every node"),
+    partition: str = typer.Option("dirichlet:0.3", "--partition", help="iid, dirichlet:ALPHA or shards:K"),
+    mode: str = typer.Option("p2p", "--mode", help="p2p, or cs (a coordinator peer plans every hop)"),
+    job_file: Path = typer.Option(None, "--job", help="job spec TOML (default: the built-in digits job)"),
+    out: Path = typer.Option(None, "--out", help="directory for logs, report.json and the final model"),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as JSON on the last line"),
+) -> None:
+    """Run a whole local network (bootstrap + N nodes as real processes), one job, and a summary."""
+    from snakenode.demo import run_demo
+
+    if mode not in ("p2p", "cs"):
+        _fail(f"--mode must be p2p or cs, got {mode!r}")
+    raise typer.Exit(run_demo(nodes, laps, dataset, partition, mode, job_file, out, as_json, keep=False))
+
+
 # --- trust -------------------------------------------------------------------------------------------
 def _config_path(home: Path) -> Path:
     from snakenode.config import CONFIG_FILE

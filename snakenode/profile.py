@@ -32,6 +32,7 @@ def decode(obj: Any) -> dict[str, Any]:
         "network": f.str("network", 32),
         "memory_mb": f.int("memory_mb", 0, 2**40, required=False),
         "jobs": f.str_list("jobs", max_items=64, max_len=16, required=False, pattern=wire.JOB_ID_RE),
+        "preparing": f.str_list("preparing", max_items=64, max_len=16, required=False, pattern=wire.JOB_ID_RE),
         "lane_port": f.int("lane_port", 0, 65535, required=False) if f.has("lane_port") else None,
     }
     if f.has("compute"):

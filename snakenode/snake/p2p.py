@@ -46,7 +46,8 @@ LEASE_TIMEOUT_S = 6.0  # ...and the predecessor retries the hop when it has not 
 DISCONNECT_GRACE_S = 1.0  # a successor gone from the peer table this long counts as lost
 PROPOSE_TIMEOUT_S = 10.0
 RESERVATION_S = 30.0  # an Accept holds the node for this long while the bundle arrives
-JOIN_WAIT_S = 5.0  # the submitting node waits this long for matching peers to join before hop 0
+JOIN_WAIT_S = 3.0  # the submitting node gives peers this long to hear of the job and say they join...
+PREPARE_WAIT_S = 120.0  # ...and waits at most this long for those still building the model (torch start-up)
 WAIT_TICK_S = 0.5  # when no candidate is eligible, look again this often
 RESUME_LISTEN_S = 4.0  # a restarted holder whose predecessor is unreachable listens this long for later claims
 STATE_TIMEOUT_S = 5.0
@@ -150,8 +151,11 @@ class Snake:
     def _update_profile(self) -> None:
         ids = sorted(j.job_id for j in self.jobs.values()
                      if j.joined and j.ready.is_set() and j.completed is None)
-        if self.svc.profile_fields.get("jobs") != ids:
+        preparing = sorted(j.job_id for j in self.jobs.values()
+                           if j.joined and not j.ready.is_set() and not j.error and j.completed is None)
+        if self.svc.profile_fields.get("jobs") != ids or self.svc.profile_fields.get("preparing") != preparing:
             self.svc.profile_fields["jobs"] = ids
+            self.svc.profile_fields["preparing"] = preparing
             self.svc.profile_changed()
 
     # ================================================================================ jobs
@@ -184,6 +188,7 @@ class Snake:
             run.joined, run.join_reason = True, "data matches"
         run.save_meta()
         self.jobs[run.job_id] = run
+        self._update_profile()
         log.info("job_known", job=run.job_id, name=spec.get("name"), joined=run.joined, reason=run.join_reason,
                  submitter=signed.submitter)
         if (run.joined or origin) and self.nursery is not None:
@@ -211,6 +216,7 @@ class Snake:
             run.error = f"{type(exc).__name__}: {exc}"
             self.counters.add("error.job_prepare")
             log.error("job_prepare_failed", job=run.job_id, error=run.error[:300])
+            self._update_profile()
 
     async def submit(self, raw: bytes) -> dict[str, Any]:
         try:
@@ -325,12 +331,13 @@ class Snake:
         if not run.ready.is_set():
             log.error("job_not_started", job=run.job_id, error=run.error or "model init did not finish")
             return
-        deadline = time.monotonic() + JOIN_WAIT_S
+        # Give every peer time to hear of the job, then wait for those still building its model.
+        await trio.sleep(JOIN_WAIT_S)
+        deadline = time.monotonic() + PREPARE_WAIT_S
         while time.monotonic() < deadline:
-            expected = {e.peer_id for e in self.svc.table.live()
-                        if e.profile and e.role == "node" and e.profile.get("data")
-                        and dataset_matches(run.spec["dataset"], e.profile["data"]["dataset"])}
-            if expected <= self.members(run):
+            preparing = [e.peer_id for e in self.svc.table.live()
+                         if e.profile and run.job_id in (e.profile.get("preparing") or [])]
+            if not preparing:
                 break
             await trio.sleep(0.2)
         while not self.members(run):
