@@ -1,0 +1,1 @@
+"""FedAvg with Flower on snakenode's benchmark task (see benchmarks/vs_flower.py)."""
