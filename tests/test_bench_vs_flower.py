@@ -37,7 +37,7 @@ def test_client_partitions_are_the_nodes_partitions() -> None:
         seen.append(split.train)
     flat = np.concatenate(seen)
     assert len(flat) == len(set(flat.tolist())), "client partitions overlap"
-    assert len(test_y) == 359 and test_x.shape[1:] == (64,)          # 20% of 1797, stratified
+    assert len(test_y) == 359 and test_x.shape[1:] == (1, 8, 8)          # 20% of 1797, stratified
 
 
 @pytest.mark.timeout(60)
