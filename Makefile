@@ -41,6 +41,9 @@ lint: setup
 bench: setup-llm
 	$(BIN)/python benchmarks/memory.py --quick --json out/bench/memory.json
 	$(BIN)/python benchmarks/kd.py --quick --json out/bench/kd.json
+	@# vs_flower and scale need root (one network namespace per host); vs_flower builds its own Flower venv.
+	$(BIN)/python benchmarks/vs_flower.py --quick --json out/bench/vs_flower.json
+	$(BIN)/python benchmarks/scale.py --quick --json out/bench/scale.json
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
