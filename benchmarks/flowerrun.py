@@ -113,11 +113,17 @@ class FlowerNet:
 
     def run(self, run_config: dict[str, Any], timeout: float) -> tuple[float, float, str]:
         """`flwr run APP FEDERATION --stream` on the SuperLink's host; returns (t_start, t_end, output)."""
-        parts = []
+        # A TOML file, not `k=v` pairs: Flower splits those on spaces and quotes (model-args is JSON).
+        lines = []
         for k, v in run_config.items():
-            parts.append(f"{k}={json.dumps(v)}" if isinstance(v, str) else f"{k}={v}")
+            if isinstance(v, bool):
+                lines.append(f"{k} = {str(v).lower()}")
+            else:
+                lines.append(f"{k} = {json.dumps(v)}")      # a JSON string or number is valid TOML here
+        cfg = self.cluster.root / "run-config.toml"
+        cfg.write_text("\n".join(lines) + "\n")
         argv = self.cluster.lab.argv(self.link, [str(self.bin_dir / "flwr"), "run", str(APP_DIR), FEDERATION,
-                                                 "--stream", "--run-config", " ".join(parts)])
+                                                 "--stream", "--run-config", str(cfg)])
         log = self.cluster.root / "flwr-run.log"
         t0 = time.time()
         with open(log, "wb") as f:

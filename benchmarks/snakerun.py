@@ -117,6 +117,16 @@ class SnakeNet:
     def job(self, job_id: str) -> dict[str, Any]:
         return control.call(self.homes[self.submitter], "job", {"job_id": job_id}, timeout=10)
 
+    def own_records(self, job_id: str) -> list[dict[str, Any]]:
+        """Every node's own hop log (HOME/jobs/<job>/hoplog.jsonl), merged. Unlike the submitter's merged
+        view, this does not depend on the best-effort progress gossip having delivered every record."""
+        logs = []
+        for h in self.nodes:
+            path = self.homes[h] / "jobs" / job_id / "hoplog.jsonl"
+            if path.exists():
+                logs.append(hoplog.read_log(path))
+        return hoplog.merge(*logs)
+
     def wait_complete(self, job_id: str, timeout: float) -> dict[str, Any]:
         def done() -> dict[str, Any] | None:
             self.cluster.check_alive()

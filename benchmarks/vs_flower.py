@@ -165,7 +165,8 @@ def run_snake(task: Task, out: Path, idle_s: float, timeout: float) -> dict[str,
             s_end = sampler.take()
             app1 = app_bytes(net)
             archive.poll()
-        records = detail["records"]
+        records = net.own_records(job_id)
+        gossip_view = {(r["event"], r["hop"], r["attempt"]) for r in detail["records"]}
         (root / "records.json").write_text(json.dumps(records, indent=1, default=str))
     done = next(r for r in records if r["event"] == "job_complete")
     hops = snakerun.trained_hops(records)
@@ -185,6 +186,8 @@ def run_snake(task: Task, out: Path, idle_s: float, timeout: float) -> dict[str,
     res["bytes_bundles"] = sum(r["bytes"]["bundle_out"] for r in records if r["event"] == "handoff")
     res["kd_on_hops"] = sum(1 for r in hops if ((r.get("detail") or {}).get("kd") or {}).get("on"))
     res["job_id"] = job_id
+    res["records_missing_from_submitters_view"] = sorted(
+        f"{e}@{h}" for e, h, a in {(r["event"], r["hop"], r["attempt"]) for r in records} - gossip_view)
     res["app_bytes_during_job"] = {k: app1.get(k, 0) - app0.get(k, 0) for k in sorted(app1)
                                    if app1.get(k, 0) != app0.get(k, 0)}
     res["sampler_errors"] = sampler.errors[:5]
