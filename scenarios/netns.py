@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 STATE_DIR = Path(os.environ.get("SNAKENODE_NETNS_STATE", "/run/snakenode-netns"))
+WATCH_TICK_S = 1.0  # the watchdog notices a normal close (state file gone) this fast and exits
 
 
 class NetnsError(Exception):
@@ -65,6 +68,7 @@ class Lab:
         self.state_file = STATE_DIR / f"{self.tag}.json"
         self._closed = False
         self._save()
+        self._watchdog = _start_watchdog(self.state_file)
         _run("ip", "link", "add", self.bridge, "type", "bridge")
         _run("ip", "link", "set", self.bridge, "up")
 
@@ -149,6 +153,11 @@ class Lab:
             self.state_file.unlink()
         except FileNotFoundError:
             pass
+        if self._watchdog is not None:
+            try:
+                self._watchdog.wait(timeout=WATCH_TICK_S * 3)
+            except subprocess.TimeoutExpired:
+                self._watchdog.kill()
 
     def __enter__(self) -> Lab:
         return self
@@ -203,3 +212,51 @@ def cleanup_stale() -> list[str]:
             path.unlink(missing_ok=True)
             removed.append(path.stem)
     return removed
+
+
+def tc_rate(bytes_per_s: float) -> str:
+    """A tc rate from bytes per second (tc's own "kbps" means kilobytes: bits per second avoid the trap)."""
+    return f"{max(8, int(bytes_per_s * 8))}bit"
+
+
+def _start_watchdog(state_file: Path) -> subprocess.Popen[bytes] | None:
+    """A separate process that tears the lab down if its owner dies without closing it (even by SIGKILL).
+
+    It runs in its own session, so a signal to the owner's process group does not reach it."""
+    try:
+        return subprocess.Popen([sys.executable, "-m", "scenarios.netns", "--watch", str(os.getpid()),
+                                 str(state_file)], start_new_session=True, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                cwd=Path(__file__).resolve().parents[1])
+    except OSError:
+        return None  # cleanup_stale() at the next lab still removes the leftovers
+
+
+def watch(owner: int, state_file: Path) -> int:
+    """Wait for `owner` to exit; if its lab's state file is still there, tear the lab down."""
+    try:
+        fd = os.pidfd_open(owner)
+    except ProcessLookupError:
+        fd = None
+    if fd is not None:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        while state_file.exists() and not poller.poll(WATCH_TICK_S * 1000):
+            pass
+        os.close(fd)
+    if state_file.exists():
+        try:
+            state = json.loads(state_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            return 1
+        if int(state.get("owner", 0)) == owner:
+            _teardown(state)
+            state_file.unlink(missing_ok=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--watch":
+        sys.exit(watch(int(sys.argv[2]), Path(sys.argv[3])))
+    print("usage: python -m scenarios.netns --watch OWNER_PID STATE_FILE", file=sys.stderr)
+    sys.exit(2)
