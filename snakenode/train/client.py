@@ -1,9 +1,9 @@
 """Trio-side client of the training worker (torch-free; the daemon imports it).
 
 Why a process and not a thread: on 2 cores a training step starves a thread-based event loop, and a
-process can be niced, bounded in threads and killed to cancel work. The worker dies with its parent
-(PR_SET_PDEATHSIG, and EOF on its stdin); `cancel()` kills it and the next `call()` starts a new one. A
-worker crash surfaces as WorkerError on the pending call, never as a hang.
+process can be niced, bounded in threads and killed to cancel work. The worker dies with its parent (a
+re-parenting watchdog, and EOF on its stdin); `cancel()` kills it and the next `call()` starts a new one.
+A worker crash surfaces as WorkerError on the pending call, never as a hang.
 """
 
 from __future__ import annotations
@@ -57,6 +57,11 @@ class WorkerClient:
     @property
     def pid(self) -> int | None:
         return None if self._proc is None else self._proc.pid
+
+    @property
+    def busy(self) -> bool:
+        """A call is in progress (cancel() would interrupt it)."""
+        return self._lock.locked()
 
     @property
     def running(self) -> bool:

@@ -394,7 +394,8 @@ class Engine:
     def train_hop(self, job: dict[str, Any], state: dict[str, str], window: list[int], train_stem: bool,
                   train_head: bool, data: dict[str, Any], reference_hist: list[float] | None = None,
                   max_time_s: float | None = None, on_event: EventFn | None = None,
-                  evaluate: bool = True) -> dict[str, Any]:
+                  evaluate: bool = True, slowdown: float = 1.0) -> dict[str, Any]:
+        """One hop. `slowdown` > 1 stretches every step (scenario knob that emulates a slower node)."""
         t_start = time.monotonic()
         reset_peak_rss()
         cfg = TrainConfig.from_job(job)
@@ -449,6 +450,7 @@ class Engine:
             perm = torch.randperm(n, generator=gen)
             ep_loss, ep_count = 0.0, 0
             for s in range(0, n, cfg.batch):
+                t_step = time.monotonic()
                 idx = perm[s:s + cfg.batch]
                 if model.task == "classification" and len(idx) < 2 and n >= 2:
                     continue                                # BatchNorm cannot train on one sample
@@ -461,6 +463,8 @@ class Engine:
                     (loss * (len(midx) / len(idx))).backward()
                     bl += float(loss.detach()) * len(midx)
                 opt.step()
+                if slowdown > 1.0:
+                    time.sleep((slowdown - 1.0) * (time.monotonic() - t_step))
                 steps += 1
                 samples += len(idx)
                 ep_loss += bl

@@ -1,8 +1,9 @@
 """The training worker process: msgpack RPC over stdin/stdout (`python -m snakenode.train.worker`).
 
 Frames are a 4-byte big-endian length and a msgpack map (see docs/ARCHITECTURE.md, "Worker RPC").
-The worker dies with its daemon: PR_SET_PDEATHSIG delivers SIGKILL when the parent exits, and a reader
-thread exits the process as soon as stdin reaches EOF, even in the middle of a training step. Everything
+The worker dies with its daemon: a watchdog thread exits when the worker is re-parented (see
+`die_with_parent` for why not PR_SET_PDEATHSIG), and a reader thread exits the process as soon as stdin
+reaches EOF, even in the middle of a training step. Everything
 torch prints goes to stderr: fd 1 is moved aside for frames before torch is imported.
 """
 
@@ -119,7 +120,7 @@ class WorkerService:
             return e.train_hop(_arg(args, "job", dict), _arg(args, "state", dict), _arg(args, "window", list),
                                bool(args.get("train_stem", True)), bool(args.get("train_head", True)),
                                _arg(args, "data", dict), args.get("reference_hist"), args.get("max_time_s"),
-                               event, bool(args.get("evaluate", True)))
+                               event, bool(args.get("evaluate", True)), float(args.get("slowdown") or 1.0))
         if op == "evaluate":
             return e.evaluate(_arg(args, "job", dict), _arg(args, "state", dict), _arg(args, "data", dict),
                               str(args.get("split", "val")))
