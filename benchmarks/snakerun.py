@@ -100,6 +100,12 @@ class SnakeNet:
                 return False
         return True
 
+    def live_peers(self, h: str) -> list[dict[str, Any]]:
+        try:
+            return list(control.call(self.homes[h], "peers", timeout=5))
+        except Exception:  # noqa: BLE001 - a node that does not answer sees nobody, for this count
+            return []
+
     def wait_converged(self, timeout: float, need_compute: bool = False) -> float:
         t0 = time.monotonic()
         wait_for(lambda: self.cluster.check_alive() or self.knows_everyone(need_compute), timeout,
