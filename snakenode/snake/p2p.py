@@ -431,6 +431,9 @@ class Snake:
                 if self.d.worker is not None:
                     await self.d.worker.cancel()
             raise
+        if self.cfg.compute_slowdown > 1:
+            # Emulate a slower device (scenarios, tests): the hop takes `slowdown` times as long.
+            await trio.sleep((self.cfg.compute_slowdown - 1) * (time.time() - t_start))
         t_end = time.time()
         new_model = dict(result["state"])
         missing = [h for h in new_model.values() if not self.store.has(h)]
@@ -572,6 +575,8 @@ class Snake:
         excluded: dict[str, str] = {}
         transfer_failures: dict[str, int] = {}
         waited = 0.0
+        blocked_since: dict[str, float] = {}
+        lap_seen = None if base is None else base.lap
         start_members = self.members(run) - ({self.me} if not run.joined else set())
         while True:
             if run.completed is not None or run.phase == "superseded":
@@ -589,8 +594,15 @@ class Snake:
             members = self.members(run)
             if base is not None:
                 async with run.lock:
+                    before = set(base.dropped)
                     base = st.drop_down(base, self._down_for(base), spec=spec, members=members or {self.me})
                     run.state = base
+                for peer in sorted(set(base.dropped) - before):
+                    self._record(run, "dropped", base, detail={"peer": peer, "reason": "down"})
+                    log.info("member_dropped", job=run.job_id, peer=peer, why="down")
+                if await self._lap_closed_by_drops(run, base, lap_seen):
+                    return
+                lap_seen = base.lap
                 ranking = self._rank(run, base, excluded)
             else:
                 # Hop 0 proposed by a submitter that does not train: rank the members as if this node had
@@ -599,9 +611,14 @@ class Snake:
                 provisional = st.start_job(run.job_id, pool, self.me, 1, run.blocks)
                 ranking = self._rank(run, st.finish_hop(provisional, metric=None, members=pool), excluded)
             if not ranking.choices:
-                if base is not None and members == {self.me}:
-                    await self._self_hop(run, base, model)
+                if base is not None and st.lap_remaining(base) == [self.me]:
+                    # This lap has no other member (alone, or the others were dropped): train here.
+                    await self._self_hop(run, base, model, run.next_attempt(base.hop + 1, attempt))
                     return
+                if base is not None:
+                    base = await self._drop_blocked(run, base, ranking, blocked_since, members)
+                    if not st.lap_remaining(base) and base.finished:
+                        continue  # the drops closed the lap: rank again for the next one
                 waited += WAIT_TICK_S
                 if waited >= 5.0:
                     # Soft exclusions (busy, timeouts) expire: the network may have changed.
@@ -612,6 +629,7 @@ class Snake:
                 continue
             waited = 0.0
             cand = ranking.choices[0].peer_id
+            attempt = run.next_attempt(0 if base is None else base.hop + 1, attempt)
             if base is None:
                 proposal = self._first_holder_state(run, cand, suggested, attempt, start_members or members)
             else:
@@ -646,6 +664,8 @@ class Snake:
                 if transfer_failures[cand] >= 2:
                     excluded[cand] = "transfer"
                 attempt = proposal.attempt + 1
+                self.counters.add("snake.retry.transfer")
+                self._record(run, "retry", proposal, detail={"failed_holder": cand, "why": "transfer"})
                 continue
             t_handoff = time.time()
             self._record(run, "handoff", proposal, bytes={"bundle_out": sent, "negotiate": negotiate_bytes},
@@ -685,11 +705,46 @@ class Snake:
             self._record(run, "retry", proposal, detail={"failed_holder": cand, "why": outcome})
             run.phase = "handing_off"
 
-    async def _self_hop(self, run: JobRun, base: JobState, model: dict[str, str]) -> None:
-        """The only member left: take the next hop here (no transfer)."""
+    async def _lap_closed_by_drops(self, run: JobRun, base: JobState, lap_seen: int | None) -> bool:
+        """Drops (down, declines, blocked) can close a lap without a hop: log it, and finish the job
+        here when that was its last lap. Returns True when the job completed."""
+        if lap_seen is None or base.lap <= lap_seen:
+            return False
+        self._record(run, "lap_complete", base, detail={"metric": base.lap_metrics[-1], "closed_by": "drops"})
+        if st.job_done(base, run.spec):
+            await self._complete(run, base)
+            return True
+        return False
+
+    async def _drop_blocked(self, run: JobRun, base: JobState, ranking: routing.Ranking,
+                            blocked_since: dict[str, float], members: set[str]) -> JobState:
+        """Lap members that are alive but cannot take the hop must not block the lap forever: one that
+        cannot fit a window (no_memory) or left the job is dropped at once, one that stays busy (or
+        otherwise ineligible) longer than lap.drop_after_s is dropped then. Down members are drop_down's."""
+        now = time.monotonic()
+        limit = float(run.spec["lap"]["drop_after_s"])
+        remaining = set(st.lap_remaining(base))
+        for ex in ranking.excluded:
+            if ex.peer_id not in remaining or ex.reason in ("down", "self"):
+                blocked_since.pop(ex.peer_id, None)
+                continue
+            since = blocked_since.setdefault(ex.peer_id, now)
+            if ex.reason in ("no_memory", "not_joined") or now - since >= limit:
+                async with run.lock:
+                    base = st.drop_member(base, ex.peer_id, "declines", members=members or {self.me})
+                    run.state = base
+                blocked_since.pop(ex.peer_id, None)
+                self.counters.add("snake.dropped.blocked")
+                self._record(run, "dropped", base, detail={"peer": ex.peer_id, "reason": "declines",
+                                                           "why": ex.reason})
+                log.info("member_dropped", job=run.job_id, peer=ex.peer_id, why=ex.reason)
+        return base
+
+    async def _self_hop(self, run: JobRun, base: JobState, model: dict[str, str], attempt: int) -> None:
+        """The only member left in this lap: take the next hop here (no transfer)."""
         size = self._my_window_size(run, base.window) or int(run.spec["window"]["min_blocks"])
         async with run.lock:
-            nxt = st.after_hop(base, self.me, min(size, run.blocks), spec=run.spec)
+            nxt = st.after_hop(base, self.me, min(size, run.blocks), spec=run.spec, attempt=attempt)
             run.state, run.model, run.phase = nxt, dict(model), "received"
             run.observe(nxt.claim)
             run.save_checkpoint()

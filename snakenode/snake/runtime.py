@@ -22,6 +22,7 @@ from snakenode.snake import hoplog
 from snakenode.snake.job import SignedJob
 from snakenode.snake.state import Claim, JobState, compare_claims
 
+
 def _read(path: Path) -> list[dict[str, Any]]:
     return hoplog.read_log(path) if path.exists() else []
 
@@ -69,6 +70,7 @@ class JobRun:
     error: str = ""
     scope: trio.CancelScope | None = None
     parents: dict[str, str] = field(default_factory=dict)  # lineage -> parent lineage, from records seen
+    attempts: dict[int, int] = field(default_factory=dict)  # hop -> highest attempt committed anywhere
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -78,6 +80,12 @@ class JobRun:
     def observe(self, claim: Claim) -> None:
         if self.highest is None or compare_claims(claim, self.highest) > 0:
             self.highest = claim
+        if claim.attempt > self.attempts.get(claim.hop, -1):
+            self.attempts[claim.hop] = claim.attempt
+
+    def next_attempt(self, hop: int, at_least: int = 0) -> int:
+        """An attempt number no node has used for `hop` yet (so the new attempt wins fencing)."""
+        return max(at_least, self.attempts.get(hop, -1) + 1)
 
     def learn(self, rec: dict[str, Any]) -> None:
         if rec.get("parent_lineage"):
