@@ -133,6 +133,7 @@ class PeerTable:
         entry.misses += 1
         if entry.misses >= self.ping_misses:
             entry.down = True
+            entry.connected = False  # the caller disconnects it: only a fresh sign of life brings it back
             entry.down_reason = "unresponsive"
             entry.next_dial = now + backoff(peer_id, 1)
             return True

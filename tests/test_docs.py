@@ -1,0 +1,44 @@
+"""The docs must match the code: settings, protocol ids, decline reasons, hop-log events, counters."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from snakenode import config, wire
+from snakenode.snake import hoplog, messages
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+
+def test_operations_lists_every_setting_exactly() -> None:
+    text = (DOCS / "OPERATIONS.md").read_text()
+    assert config.operations_table() in text, "regenerate the table: python -c 'from snakenode.config import " \
+                                              "operations_table; print(operations_table())'"
+
+
+def test_protocol_documents_ids_messages_and_events() -> None:
+    text = (DOCS / "PROTOCOL.md").read_text()
+    for pid in wire.SNAKE_PROTOCOLS:
+        assert f"`{pid}`" in text, pid
+    for reason in messages.DECLINE_REASONS:
+        assert f"`{reason}`" in text, reason
+    for event in hoplog.EVENTS:
+        assert f"`{event}`" in text, event
+    for name in wire.TOPIC_NAMES:
+        assert f"snake/<net>/{name}/1" in text
+
+
+def test_every_counter_family_in_the_code_is_documented() -> None:
+    text = (DOCS / "PROTOCOL.md").read_text()
+    root = Path(__file__).resolve().parents[1]
+    kinds: set[str] = set()
+    for path in [*root.glob("snakenode/**/*.py"), *root.glob("bootstrap/*.py")]:
+        kinds.update(re.findall(r'counters\.add\(f?"([a-z_.{}]+)', path.read_text()))
+    assert kinds
+    for kind in sorted(kinds):
+        plain = re.sub(r"\{[^}]*\}", "", kind)  # f-string placeholders name the varying part
+        family = ".".join(p for p in plain.split(".")[:2] if p)
+        head = family.split(".")[0]
+        assert family in text or f"`{head}.*`" in text, \
+            f"counter {kind!r}: document the {family!r} family in docs/PROTOCOL.md"
