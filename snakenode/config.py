@@ -201,6 +201,9 @@ def _validate_semantics(cfg: NodeConfig) -> None:
                 f"setting 'bootstrap' (from {src('bootstrap')}): {addr!r} lacks /p2p/PEER_ID; "
                 f"copy the full address that `python -m bootstrap` printed"
             )
+    if cfg.coordinator and "/p2p/" not in cfg.coordinator:
+        raise ConfigError(f"setting 'coordinator' (from {src('coordinator')}): {cfg.coordinator!r} lacks /p2p/PEER_ID; "
+                          f"copy the address from the coordinator's node.json")
     for name in ("trusted_submitters", "allowed_peers"):
         for pid in getattr(cfg, name):
             try:

@@ -136,6 +136,7 @@ class Daemon:
                       "reservation": None if r is None else {"job": r.run.job_id, "hop": r.state.hop,
                                                              "from": r.proposer}},
             "jobs": len(self.snake.jobs),
+            **({"schedule": self.snake.cs.schedule()} if self.cfg.role == "coordinator" else {}),
             "data": self.cfg.data or None,
             "memory_budget_mb": self.cfg.memory_mb,
         }
@@ -208,6 +209,9 @@ class Daemon:
             "resume": self._op_resume, "reload_trust": self._op_reload_trust, "bench": self._op_bench,
         })
         await nursery.start(self.snake.run)
+        if self.cfg.coordinator and self.service.discovery is not None:
+            pid = self.cfg.coordinator.split("/p2p/")[-1]
+            self.service.discovery.hint(pid, [self.cfg.coordinator])  # only helps to connect
         if self.faults.has("handler"):
             from snakenode.net import host as host_mod
 

@@ -139,6 +139,13 @@ class Network:
             time.sleep(0.1)
         raise DemoError("the nodes did not discover each other within 60 s; see the logs in " + str(self.root))
 
+    def coordinator_bytes(self) -> int:
+        """Bytes the coordinator sent and received (CS mode), all protocols."""
+        if self.mode != "cs":
+            return 0
+        c = control.call(self.coord_home, "status", timeout=2)["counters"]
+        return sum(v for k, v in c.items() if k.startswith("bytes.") and (k.endswith(".out") or k.endswith(".in")))
+
     def sent_bytes(self) -> int:
         total = 0
         for home in [*self.homes, self.boot_home] + ([self.coord_home] if self.mode == "cs" else []):
@@ -172,7 +179,6 @@ def job_spec(job_file: Path | None, laps: int | None, dataset: str, mode: str) -
         spec["laps"] = laps
     if job_file is None:
         spec["dataset"] = dataset.split(":")[0] if dataset.split(":")[0] in ("cifar10", "text") else dataset
-    spec["mode"] = mode
     return job_mod.validate_spec(spec)
 
 
@@ -214,8 +220,11 @@ def run_demo(nodes: int, laps: int | None, dataset: str, partition: str, mode: s
             t_conv = net.wait_converged()
             console.print(f"all {nodes} nodes see each other ({t_conv:.1f} s)")
             submitter = identity.load(net.submit_home)
+            if mode == "cs":
+                spec = job_mod.with_mode(spec, "cs", submitter.peer_id)
             signed = job_mod.sign_job(spec, submitter)
             bytes0 = net.sent_bytes()
+            coord0 = net.coordinator_bytes()
             t0 = time.monotonic()
             result = control.call(net.submit_home, "submit", {"job": signed.encode()}, timeout=10)
             job_id = result["job_id"]
@@ -234,6 +243,8 @@ def run_demo(nodes: int, laps: int | None, dataset: str, partition: str, mode: s
             wall = time.monotonic() - t0
             bytes_total = net.sent_bytes() - bytes0
             summary = summarize(detail, wall, bytes_total, mode)
+            if mode == "cs":
+                summary["bytes_via_coordinator"] = net.coordinator_bytes() - coord0
             fetched = control.call(net.submit_home, "fetch", {"job_id": job_id,
                                                               "out": str(root / "model.safetensors")}, timeout=120)
             summary["model_path"] = fetched["path"]

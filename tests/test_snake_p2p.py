@@ -153,6 +153,39 @@ def test_successor_killed_while_training_and_while_receiving(tmp_path: Path) -> 
         sn.close()
 
 
+@pytest.mark.timeout(120)
+def test_broken_bundle_stream_resumes_where_it_stopped(tmp_path: Path) -> None:
+    """The receiver's stream breaks after 100 kB; the next attempt to the same node resumes from the
+    verified layers and the partial download instead of resending them, and the cache stays sound."""
+    sn = SnakeNet(tmp_path, network="resume")
+    try:
+        sn.add_node("n0", "0/2")
+        sn.add_node("n1", "1/2", extra=["--test-faults", "break@recv:after_bytes=100000"])
+        sn.wait_ready()
+        job_id = sn.submit(job_toml(laps=1, epochs=1))
+        detail = sn.wait_complete(job_id, 90)
+        records = sn.merged_records(job_id)
+        assert hoplog.validate_log(records, detail["summary"]["blocks"]) == []
+        acc = sorted((r for r in records if r["event"] == "accepted" and r["hop"] == 1), key=lambda r: r["attempt"])
+        assert [r["holder"] for r in acc] == [sn.ids["n1"], sn.ids["n1"]], "the same node gets the next attempt"
+        first, second = acc[0]["detail"], acc[1]["detail"]
+        assert second["planned_bytes"] <= first["planned_bytes"] - 100_000
+        assert second["resumed_bytes"] > 0 or second["held"] > first["held"]
+        retry = [r for r in records if r["event"] == "retry" and r["hop"] == 1]
+        assert retry and retry[0]["detail"]["why"] == "transfer"
+        from harness import control
+
+        st = control(sn.net.home("n1"), "status")
+        assert st["counters"]["reject.bundle.test_fault"] == 1
+        # Everything in n1's store is sound: every blob hashes to its name.
+        from snakenode.snake.store import sha256_hex
+
+        blobs = list((sn.net.home("n1") / "store" / "blobs").glob("*.safetensors"))
+        assert blobs and all(sha256_hex(b.read_bytes()) == b.stem for b in blobs)
+    finally:
+        sn.close()
+
+
 @pytest.mark.timeout(240)
 def test_holder_killed_and_restarted_one_survivor(tmp_path: Path) -> None:
     """The holder dies while training and restarts with the same HOME after its predecessor retried the

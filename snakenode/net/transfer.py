@@ -77,8 +77,8 @@ async def send_bundle(io: StreamIO, manifest: bundle_mod.LayerBundle, store: Lay
                 sent += len(chunk)
                 if on_progress is not None:
                     on_progress(sent)
-                if faults is not None:
-                    faults.check("send", bytes=sent, **(ctx or {}))
+                if faults is not None and faults.check("send", bytes=sent, **(ctx or {})) == "break":
+                    raise TransferError(f"stream broken on purpose after {sent} bytes (--test-faults)", "test_fault")
                 await _throttle(t0, sent, rate)
     kind, f = await io.read_frame(timeout=ACK_TIMEOUT_S)
     if kind == "error":
@@ -164,8 +164,9 @@ async def receive_layers(io: StreamIO, incoming: Incoming, schema: Mapping[str, 
                 received += len(chunk)
                 if on_progress is not None:
                     on_progress(received)
-                if faults is not None:
-                    faults.check("recv", bytes=received, **(ctx or {}))
+                if faults is not None and faults.check("recv", bytes=received, **(ctx or {})) == "break":
+                    raise TransferError(f"stream broken on purpose after {received} bytes (--test-faults)",
+                                        "test_fault")
         finally:
             part.close()
         try:

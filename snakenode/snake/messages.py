@@ -21,6 +21,7 @@ DECLINE_REASONS = (
     "bad_job",         # the signed job does not verify
     "stale",           # a later (hop, attempt) or a winning lineage is known
     "not_ready",       # the node is still preparing the job (model init)
+    "not_coordinator", # CS mode: the proposer is not the job's coordinator
     "poison_suspect",  # the incoming model failed the poisoning guard
     "test_fault",      # injected by --test-faults
     "error",           # anything else; detail says what

@@ -29,6 +29,7 @@ from snakenode.net import transfer
 from snakenode.snake import bundle as bundle_mod
 from snakenode.snake import hoplog, routing
 from snakenode.snake import state as st
+from snakenode.snake.coordinator import CS
 from snakenode.snake.job import JobRejected, SignedJob, dataset_matches, metric_name, verify_job
 from snakenode.snake.messages import Accept, ClaimRef, Decline, Propose, decode_layer_list, decode_model_state
 from snakenode.snake.runtime import Baton, JobRun
@@ -88,6 +89,7 @@ class Snake:
         self.nursery: trio.Nursery | None = None
         self.extra_trusted: set[str] = set()
         self._rejected_jobs: set[str] = set()
+        self.cs = CS(self)
 
     # ================================================================================ setup
     def trusted(self) -> set[str]:
@@ -111,6 +113,7 @@ class Snake:
         host_mod.register(host, wire.PROTO_NEGOTIATE, "negotiate", self._serve_negotiate, self.counters, allowed)
         host_mod.register(host, wire.PROTO_BUNDLE, "bundle", self._serve_bundle, self.counters, allowed)
         host_mod.register(host, wire.PROTO_STATE, "state", self._serve_state, self.counters, allowed)
+        host_mod.register(host, wire.PROTO_CS, "cs", self.cs.serve, self.counters, allowed)
         assert self.svc.gossip is not None
         self.svc.gossip.on("jobs", self._on_jobs_msg)
         self.svc.gossip.on("progress", self._on_progress_msg)
@@ -227,9 +230,10 @@ class Snake:
             raise ControlError(str(exc), exc.reason) from None
         if signed.job_id in self.jobs:
             raise ControlError(f"job {signed.job_id} is already known here", "duplicate")
-        if signed.spec["mode"] != "p2p" and not self._cs_capable(signed):
-            raise ControlError("this job asks for CS mode; submit it on a node that runs the coordinator",
-                               "unsupported_mode")
+        if signed.spec["mode"] == "cs" and signed.spec.get("coordinator") != self.me:
+            raise ControlError(f"a CS job is submitted on its coordinator ({signed.spec.get('coordinator')}), "
+                               f"not here: run `snakenode submit ... --mode cs --home COORDINATOR_HOME`",
+                               "not_coordinator")
         run = self.intake(signed, origin=True)
         assert self.svc.gossip is not None
         await self.svc.gossip.publish("jobs", wire.packb({"t": "job", "job": raw}))
@@ -237,9 +241,6 @@ class Snake:
         self.nursery.start_soon(self._originate, run)
         self.nursery.start_soon(self._reannounce, run, raw)
         return {"job_id": signed.job_id, "joined": run.joined, "name": signed.spec.get("name")}
-
-    def _cs_capable(self, signed: SignedJob) -> bool:
-        return False
 
     async def _reannounce(self, run: JobRun, raw: bytes) -> None:
         """Late joiners learn of the job: re-announce while it runs (gossip is best effort)."""
@@ -454,10 +455,23 @@ class Snake:
                  metric=after.get(metric), seconds=round(t_end - t_start, 2))
         if base.lap > state.lap:
             self._record(run, "lap_complete", base, detail={"metric": base.lap_metrics[-1]})
-        if st.job_done(base, spec):
+        done = st.job_done(base, spec)
+        self.faults.check("handoff", hop=state.hop, attempt=state.attempt, job=run.job_id)
+        if self.cs.is_cs(run):
+            # CS mode: the trained window goes back to the coordinator, which plans the next hop.
+            test = await self._final_test(run, new_model) if done else None
+            run.phase = "handing_off"
+            self.svc.set_state("sending", run.job_id, state.hop)
+            if await self.cs.hand_back(run, base, new_model, test):
+                async with run.lock:
+                    if run.phase in HOLDING or run.phase == "waiting":
+                        run.phase = "idle"
+                    run.save_checkpoint()
+                return
+            # fallback = "p2p": the coordinator is gone; carry on as a P2P holder.
+        if done:
             await self._complete(run, base)
             return
-        self.faults.check("handoff", hop=state.hop, attempt=state.attempt, job=run.job_id)
         run.phase = "handing_off"
         self.svc.set_state("sending", run.job_id, state.hop)
         await self._handoff(run, base, new_model)
@@ -467,12 +481,12 @@ class Snake:
             raise Superseded(f"hop {state.hop} attempt {state.attempt} was superseded")
 
     async def _lease_loop(self, run: JobRun, state: JobState) -> None:
-        """Renew the baton lease with our predecessor while we hold this hop."""
-        pred = state.prev_holder
+        """Renew the baton lease with our predecessor (the coordinator in CS mode) while we hold this hop."""
+        pred = self.cs.lease_target(run, state)
         if pred is None or pred == self.me:
             return
         ref = ClaimRef.of(state)
-        while run.state is not None and run.state.hop == state.hop and run.phase in HOLDING:
+        while run.state is not None and run.state.hop == state.hop and run.phase in (*HOLDING, "waiting"):
             try:
                 kind, f = await self._state_request(pred, ref.to_wire("lease", phase=run.phase))
                 if kind == "lease_revoked":
@@ -496,13 +510,18 @@ class Snake:
             run.scope.cancel()
 
     # ================================================================================ completion
-    async def _complete(self, run: JobRun, base: JobState) -> None:
-        test: dict[str, Any] = {}
+    async def _final_test(self, run: JobRun, model: dict[str, str]) -> dict[str, Any]:
+        """The final model's metrics on the fixed test split (the same split on every node)."""
         try:
-            test = await self.d.worker_call("evaluate", {"job": run.spec, "state": run.model,
+            return await self.d.worker_call("evaluate", {"job": run.spec, "state": model,
                                                          "data": self.d.data_spec.to_dict(), "split": "test"})
         except Exception as exc:  # noqa: BLE001 - completion must not hinge on the final evaluation
             log.warning("final_evaluation_failed", job=run.job_id, error=str(exc)[:200])
+            return {}
+
+    async def _complete(self, run: JobRun, base: JobState, test: dict[str, Any] | None = None) -> None:
+        if test is None:
+            test = await self._final_test(run, run.model)
         reason = "laps" if base.lap >= run.spec["laps"] else "target"
         rec = {"t": "complete", "job_id": run.job_id, "hop": base.hop, "attempt": base.attempt, "lap": base.lap,
                "lineage": base.lineage, "holder": self.me, "model": run.model, "reason": reason,
@@ -516,7 +535,7 @@ class Snake:
         self._record(run, "job_complete", base, detail={"reason": reason, "test": rec["test"]})
         log.info("job_complete", job=run.job_id, hops=base.hop + 1, laps=base.lap, reason=reason, test=rec["test"])
         self._update_profile()
-        if base.prev_holder and base.prev_holder != self.me:
+        if base.prev_holder and base.prev_holder != self.me and not self.cs.is_coordinator(run):
             await self._send_release(base)
         assert self.nursery is not None
         self.nursery.start_soon(self._announce_complete, rec)
@@ -654,8 +673,11 @@ class Snake:
                                         attempt=proposal.attempt)
             else:
                 proposal = st.resize(proposal, reply.size)
-            self._record(run, "accepted", proposal, bytes={"negotiate": negotiate_bytes})
-            ok, sent = await self._transfer(run, cand, proposal, model, reply)
+            items = self._plan(run, model, reply)
+            self._record(run, "accepted", proposal, bytes={"negotiate": negotiate_bytes}, detail={
+                "planned_bytes": sum(it.entry.size - it.offset for it in items), "layers": len(items),
+                "held": len(reply.held), "resumed_bytes": sum(it.offset for it in items)})
+            ok, sent = await self._transfer(run, cand, proposal, model, items)
             if not ok:
                 transfer_failures[cand] = transfer_failures.get(cand, 0) + 1
                 if transfer_failures[cand] >= 2:
@@ -678,7 +700,8 @@ class Snake:
             if self.active == run.job_id:
                 self.active = None
             self._set_idle()
-            if base is not None and base.prev_holder and base.prev_holder != self.me:
+            if base is not None and base.prev_holder and base.prev_holder != self.me \
+                    and not self.cs.is_coordinator(run):
                 await self._send_release(base)
             outcome = await self._watch_baton(run, baton)
             if outcome == "released":
@@ -755,11 +778,12 @@ class Snake:
         self.faults.check("propose", hop=proposal.hop, attempt=proposal.attempt, job=run.job_id)
         msg = Propose(run.job_id, run.signed.encode(), proposal, proposal.window.size, model)
         io = None
+        assign = self.cs.is_coordinator(run) and not run.fallback
         try:
             with trio.fail_after(PROPOSE_TIMEOUT_S):
-                io = await host_mod.open_stream(self.svc.host, cand, wire.PROTO_NEGOTIATE, self.counters,
-                                                "negotiate")
-                await io.write_frame(msg.to_wire())
+                io = await host_mod.open_stream(self.svc.host, cand, wire.PROTO_CS if assign else wire.PROTO_NEGOTIATE,
+                                                self.counters, "cs" if assign else "negotiate")
+                await io.write_frame({**msg.to_wire(), "t": "assign"} if assign else msg.to_wire())
                 kind, f = await io.read_frame()
             if kind == "accept":
                 acc = Accept.from_wire(f)
@@ -777,12 +801,16 @@ class Snake:
             if io is not None:
                 await io.close()
 
+    def _entries(self, run: JobRun, model: dict[str, str]) -> list[bundle_mod.LayerEntry]:
+        return [bundle_mod.LayerEntry(n, h, run.schema[n].size, run.schema[n].tensors)
+                for n, h in sorted(model.items())]
+
+    def _plan(self, run: JobRun, model: dict[str, str], acc: Accept) -> list[transfer.SendItem]:
+        return transfer.plan_send(self._entries(run, model), set(acc.held), acc.partial)
+
     async def _transfer(self, run: JobRun, cand: str, proposal: JobState, model: dict[str, str],
-                        acc: Accept) -> tuple[bool, int]:
-        entries = [bundle_mod.LayerEntry(n, h, run.schema[n].size, run.schema[n].tensors)
-                   for n, h in sorted(model.items())]
-        items = transfer.plan_send(entries, set(acc.held), acc.partial)
-        manifest = bundle_mod.LayerBundle(run.job_id, proposal.to_dict(), entries)
+                        items: list[transfer.SendItem]) -> tuple[bool, int]:
+        manifest = bundle_mod.LayerBundle(run.job_id, proposal.to_dict(), self._entries(run, model))
         io = None
         self.svc.set_state("sending", run.job_id, proposal.hop - 1 if proposal.hop else None)
         try:
@@ -872,6 +900,10 @@ class Snake:
             run = self.intake(signed)
         if not run.joined:
             return self._decline(p.job_id, "not_joined", run.join_reason)
+        why = self.cs.may_assign(run, peer)
+        if why is not None:
+            self.counters.add("reject.cs.not_coordinator")
+            return self._decline(p.job_id, "not_coordinator", why)
         if not run.ready.is_set():
             return self._decline(p.job_id, "not_ready", run.error or "the job's model is still being built here")
         if p.state.holder != self.me:
@@ -914,6 +946,10 @@ class Snake:
         kind, f = await io.read_frame(limit=2 * 2**20)
         if kind != "propose":
             raise wire.WireError(f"expected propose, got {kind!r}", "unexpected")
+        await self._negotiate(io, f)
+
+    async def _negotiate(self, io: host_mod.StreamIO, f: wire.Fields) -> None:
+        """Answer a Propose (P2P) or an Assign (CS: the same message from the coordinator)."""
         p = Propose.from_wire(f)
         reply = await self._consider(io.peer, p)
         await io.write_frame(reply.to_wire())
@@ -1137,9 +1173,11 @@ class Snake:
         outcome = await self._watch_baton(run, b)
         if outcome in ("released", "superseded"):
             async with run.lock:
-                run.baton = None
-                run.phase = "idle"
-                run.save_checkpoint()
+                if run.baton is b:
+                    run.baton = None
+                    if run.phase == "baton":
+                        run.phase = "idle"
+                    run.save_checkpoint()
             return
         self._record(run, "retry", b.proposed, detail={"failed_holder": b.successor, "why": outcome})
         async with run.lock:

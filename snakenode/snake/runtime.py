@@ -71,6 +71,7 @@ class JobRun:
     scope: trio.CancelScope | None = None
     parents: dict[str, str] = field(default_factory=dict)  # lineage -> parent lineage, from records seen
     attempts: dict[int, int] = field(default_factory=dict)  # hop -> highest attempt committed anywhere
+    fallback: bool = False  # a CS job that carried on in P2P mode after losing its coordinator
 
     @property
     def spec(self) -> dict[str, Any]:
