@@ -86,8 +86,16 @@ def run_size(n: int, out: Path, window_s: float, job_timeout: float) -> dict[str
         net.start("digits", "iid", 0, ready_timeout=60 + 5 * n)
         t_ready = time.monotonic()
         log(f"N={n}: every node listening {t_ready - t_launch:.1f} s after launch")
-        benchlab.wait_for(lambda: c.check_alive() or net.knows_everyone(), 60 + 5 * n,
-                          "every node to know every other node's profile", c.logs)
+        try:
+            benchlab.wait_for(lambda: c.check_alive() or net.knows_everyone(), 60 + 5 * n,
+                              "every node to know every other node's profile")
+        except BenchError:
+            seen = [len(net.live_peers(h)) for h in nodes]
+            err = (f"did not converge within {60 + 5 * n} s of the last node listening; live peers per node "
+                   f"min {min(seen)} / median {sorted(seen)[n // 2]} / max {max(seen)} of {n}")
+            log(f"N={n}: {err}")
+            return {"n": n, "launch_to_listening_s": round(t_ready - t_launch, 2), "converge_s": None,
+                    "converge_error": err}
         t_conv = time.monotonic()
         log(f"N={n}: converged {t_conv - t_ready:.1f} s after the last node was listening")
         time.sleep(SETTLE_S)
@@ -162,18 +170,21 @@ def main(argv: list[str] | None = None) -> int:
     except (BenchError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    done = [r for r in rows if r.get("converge_s") is not None]
     doc: dict[str, Any] = {
         "benchmark": "scale", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": benchlab.machine(), "quick": args.quick, "sizes": sizes, "job": LIGHT_JOB,
         "converge_s": {str(r["n"]): r["converge_s"] for r in rows},
-        "gossip_bytes_per_min_per_node": {str(r["n"]): r["gossip_bytes_per_min_per_node"] for r in rows},
-        "ping_bytes_per_min_per_node": {str(r["n"]): r["ping_bytes_per_min_per_node"] for r in rows},
-        "wire_bytes_per_min_per_node": {str(r["n"]): r["wire_bytes_per_min_per_node"] for r in rows},
-        "one_lap_job_s": {str(r["n"]): r["one_lap_job_s"] for r in rows},
+        "gossip_bytes_per_min_per_node": {str(r["n"]): r["gossip_bytes_per_min_per_node"] for r in done},
+        "ping_bytes_per_min_per_node": {str(r["n"]): r["ping_bytes_per_min_per_node"] for r in done},
+        "wire_bytes_per_min_per_node": {str(r["n"]): r["wire_bytes_per_min_per_node"] for r in done},
+        "one_lap_job_s": {str(r["n"]): r["one_lap_job_s"] for r in done},
+        "converge_errors": {str(r["n"]): r["converge_error"] for r in rows if r.get("converge_error")},
         "one_lap_errors": {str(r["n"]): r["one_lap_error"] for r in rows if r.get("one_lap_error")},
         "rows": rows,
     }
-    doc["fit"] = {key: fit(sizes, [float(r[key]) for r in rows]) for key in
+    fitted = [r["n"] for r in done]
+    doc["fit"] = {key: fit(fitted, [float(r[key]) for r in done]) for key in
                   ("gossip_bytes_per_min_per_node", "ping_bytes_per_min_per_node", "wire_bytes_per_min_per_node")}
     g = doc["fit"]["gossip_bytes_per_min_per_node"]
     doc["target"] = {"gossip_per_node_at_most_c_times_n": {"c": g["c_max"], "growth_exponent": g["growth_exponent"],
