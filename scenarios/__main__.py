@@ -107,13 +107,13 @@ def compose(
     out: Path = typer.Option(..., "-o", "--out", help="directory for compose.yaml and the per-host config"),
 ) -> None:
     """Only generate the Docker Compose project (compose.yaml + hosts/*/snakenode.toml + jobs/)."""
-    from scenarios.compose import generate
+    from scenarios.compose import HOME_IN_CONTAINER, generate
 
     sc = _load(scenario)
     doc = generate(sc, out)
     print(f"wrote {out / 'compose.yaml'}: {len(doc['services'])} services ({', '.join(doc['services'])})")
     print(f"run it: cd {out} && docker compose up -d --build && docker compose exec {sc.jobs[0].submit_from} "
-          f"snakenode submit /jobs/{sc.jobs[0].name}.toml --home /home/snake")
+          f"snakenode submit /jobs/{sc.jobs[0].name}.toml --home {HOME_IN_CONTAINER}")
 
 
 @app.command("run-all")

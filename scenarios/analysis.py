@@ -15,8 +15,9 @@ from typing import Any
 from snakenode.snake import hoplog
 
 # Records that show a claim doing work (not just being proposed to someone).
+# `superseded` counts too: it is the moment a rival stopped.
 ACTIVE_EVENTS = ("received", "train_start", "trained", "handoff", "committed", "proposed", "accepted",
-                 "lap_complete", "job_complete", "resumed")
+                 "lap_complete", "job_complete", "resumed", "superseded")
 READY_MARGIN_S = 1.0  # a host must be seen ready this long before a lap starts to count as a member
 # (its profile must reach the holder; the runner sees readiness up to STATUS_POLL_S late, which adds slack)
 

@@ -2,8 +2,9 @@
 
 `generate` writes DIR/compose.yaml, DIR/hosts/<host>/snakenode.toml (+ the host's identity key, so peer ids
 and the bootstrap address are known before anything starts) and DIR/jobs/. The image is the project's
-Dockerfile built from the repository root (entrypoint `snakenode`); the bootstrap peer overrides the
-entrypoint with `python -m bootstrap`. Hosts get fixed addresses on one bridge network.
+Dockerfile built from the repository root (entrypoint `tini -- snakenode`, user `snake` uid 10001, home
+/data); the bootstrap peer overrides the entrypoint with `python -m bootstrap`. Each host's directory is
+bind-mounted as its /data and handed to uid 10001. Hosts get fixed addresses on one bridge network.
 
 Faults map to Docker verbs: kill -> `kill -s SIGKILL`, stop/continue -> `pause`/`unpause` (the cgroup
 freezer: a frozen host), leave -> `stop`, start -> `up -d`, partition/link_down -> `docker network
@@ -29,7 +30,8 @@ from scenarios.spec import Host, Scenario
 
 SUBNET = "172.30.77"  # /24: .2 is the bootstrap peer, hosts from .10 (docker keeps .1 for the gateway)
 PORT = 4001
-HOME_IN_CONTAINER = "/home/snake"
+HOME_IN_CONTAINER = "/data"  # the Dockerfile's SNAKENODE_HOME and volume
+CONTAINER_UID = 10001  # the Dockerfile's `snake` user: it must own its bind-mounted home and key
 IMAGE = "snakenode:scenarios"
 NETWORK = "snake"
 
@@ -69,15 +71,14 @@ def generate(scenario: Scenario, out: Path, repo: Path = REPO) -> dict[str, Any]
     (hosts_dir / "bootstrap" / "snakenode.toml").write_text(_config({
         "network": scenario.network, "listen": [f"/ip4/0.0.0.0/tcp/{PORT}"],
         "announce": [f"/ip4/{SUBNET}.2/tcp/{PORT}"]}))
-    try:
-        context = os.path.relpath(repo, out)
-    except ValueError:
-        context = str(repo)
+    # Relative when the project sits inside the repository (portable), else absolute.
+    inside = out.resolve().is_relative_to(repo.resolve())
+    context = os.path.relpath(repo.resolve(), out.resolve()) if inside else str(repo.resolve())
     services: dict[str, Any] = {
         "bootstrap": {
             "build": {"context": context, "dockerfile": "Dockerfile"},
             "image": IMAGE,
-            "entrypoint": ["python", "-m", "bootstrap"],
+            "entrypoint": ["tini", "--", "python", "-m", "bootstrap"],
             "command": ["--home", HOME_IN_CONTAINER],
             "volumes": [f"./hosts/bootstrap:{HOME_IN_CONTAINER}"],
             "networks": {NETWORK: {"ipv4_address": f"{SUBNET}.2"}},
@@ -119,6 +120,7 @@ def generate(scenario: Scenario, out: Path, repo: Path = REPO) -> dict[str, Any]
         if spec.get("mode") == "cs" and coordinators:
             spec["coordinator"] = ids[coordinators[0]]
         (jobs_dir / f"{j.name}.toml").write_text(jobfile.dumps(spec))
+    _hand_over(hosts_dir)
     doc = {
         "name": f"snk-{scenario.name}",
         "services": services,
@@ -130,6 +132,15 @@ def generate(scenario: Scenario, out: Path, repo: Path = REPO) -> dict[str, Any]
             f"/jobs/{scenario.jobs[0].name}.toml --home {HOME_IN_CONTAINER}\n")
     (out / "compose.yaml").write_text(text + yaml.safe_dump(doc, sort_keys=False))
     return doc
+
+
+def _hand_over(hosts_dir: Path) -> None:
+    """Give every host directory to the container user (the key must stay 0600 and readable by it)."""
+    for path in [hosts_dir, *hosts_dir.rglob("*")]:
+        try:
+            os.chown(path, CONTAINER_UID, CONTAINER_UID)
+        except PermissionError:
+            return  # not root: the user must make hosts/ writable by uid 10001 (scenarios/README.md)
 
 
 def compose_cli() -> list[str] | None:
@@ -180,7 +191,7 @@ class ComposeBackend(Backend):
     def refusal(cls, scenario: Scenario) -> str | None:
         problem = engine_problem()
         if problem:
-            return (f"the compose backend needs a Docker engine: {problem}. Start Docker, or run with --backend "
+            return (f"the compose backend needs a Docker engine ({problem}). Start Docker, or run with --backend "
                     f"local (or netns as root); `python -m scenarios compose FILE -o DIR` generates the project "
                     f"without an engine")
         needs = [f"{f.label} (throttle)" for f in scenario.faults if f.kind == "throttle"]

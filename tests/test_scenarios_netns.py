@@ -1,0 +1,90 @@
+"""Issue 6 on network namespaces: partition-heal (split 3|3, heal, one lineage survives), a polite refusal
+without root, and no namespace, veth, bridge or node left behind after the runner is SIGKILLed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from harness import wait_for
+from test_scenarios import REPO, expectations, gone, load_report, scenarios_cli
+
+from scenarios import netns
+
+ok, why = netns.available()
+needs_root = [pytest.mark.netns, pytest.mark.skipif(not ok, reason=why)]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(330)
+@pytest.mark.skipif(not ok, reason=why)
+def test_partition_heal_keeps_one_lineage(tmp_path: Path) -> None:
+    out = tmp_path / "ph"
+    r = scenarios_cli("run", "partition-heal", "--backend", "netns", "--report", str(out), timeout=320)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    rep = load_report(out)
+    kinds = [f["kind"] for f in rep["faults"] if f["fired"]]
+    assert kinds == ["partition", "heal"], rep["faults"]
+    part, heal = rep["faults"]
+    assert 7.5 <= heal["t"] - part["t"] <= 10, (part, heal)
+    exp = expectations(rep)
+    assert exp["one_lineage"]["ok"] and exp["job_completes"]["ok"] and exp["no_bundle_lost"]["ok"], exp
+    # The split really forked the snake: the predecessor retried on its side, and that side lost.
+    off = [h for h in rep["hops"] if not h["surviving"]]
+    assert off, "the partition should leave at least one hop off the surviving lineage"
+    sides = [{"node1", "node2", "node3"}, {"node4", "node5", "node6"}]
+    assert all({h["holder"] for h in rep["hops"]} & side for side in sides)
+
+
+def test_netns_backend_refuses_politely_without_root(tmp_path: Path) -> None:
+    if os.geteuid() != 0:
+        r = scenarios_cli("run", "partition-heal", "--backend", "netns", "--report", str(tmp_path / "r"),
+                          timeout=60)
+    else:  # drop to nobody for this one command: the refusal path is what a non-root user sees
+        tmp_path.chmod(0o777)
+        r = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-m",
+                            "scenarios", "run", "partition-heal", "--report", str(tmp_path / "r")],
+                           capture_output=True, text=True, timeout=60, cwd=REPO,
+                           env={**os.environ, "HOME": str(tmp_path)})
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "need root" in r.stderr and "local backend" in r.stderr, r.stderr
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(not ok, reason=why)
+def test_netns_cleanup_after_the_runner_is_sigkilled(tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    runner = subprocess.Popen([sys.executable, "-m", "scenarios", "run", "partition-heal", "--backend", "netns",
+                               "--report", str(out)], cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state_file = netns.STATE_DIR / f"{runner.pid % 100000}.json"
+    try:
+        def lab_up() -> dict[str, object] | None:
+            state = json.loads(state_file.read_text())
+            node_json = out / "run" / "node6" / "node.json"
+            return state if len(state["namespaces"]) == 7 and node_json.exists() else None
+
+        state = wait_for(lab_up, 120, "the runner's lab with 7 namespaces and its last node up")
+        pids = [int(json.loads((out / "run" / n / "node.json").read_text())["pid"])
+                for n in ("bootstrap", "node1", "node6")]
+    finally:
+        runner.send_signal(signal.SIGKILL)
+        runner.wait(timeout=10)
+
+    def clean() -> bool:
+        names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+        if any(ns in names for ns in state["namespaces"]):  # type: ignore[union-attr]
+            return False
+        if any(f"{v}@" in links or f"{v}:" in links for v in state["veths"]):  # type: ignore[union-attr]
+            return False
+        return f"{state['bridge']}:" not in links and not state_file.exists()
+
+    wait_for(clean, 30, "the watchdog to remove every namespace, veth and bridge of the killed runner's lab")
+    wait_for(lambda: all(gone(p) for p in pids), 10, "the lab's processes to be gone")
