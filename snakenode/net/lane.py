@@ -47,7 +47,7 @@ from snakenode.faults import Faults
 from snakenode.net import transfer
 from snakenode.net.host import ListenError, StreamIO
 from snakenode.snake import bundle as bundle_mod
-from snakenode.snake.store import LayerStore, StoreError
+from snakenode.snake.store import LayerStore, PartialBlob, StoreError
 
 log = logs.get("lane")
 
@@ -299,60 +299,118 @@ def _verify_file(path: str, entry: bundle_mod.LayerEntry, schema: bundle_mod.Lay
     bundle_mod.verify_blob(memoryview(mm), entry, schema=schema)
 
 
+def _verify_and_commit(store: LayerStore, part: PartialBlob, entry: bundle_mod.LayerEntry,
+                       sch: bundle_mod.LayerEntry) -> None:
+    part.close()  # fsync
+    try:
+        _verify_file(str(part.path), entry, sch)
+    except bundle_mod.BundleError as exc:
+        store.discard_partial(entry.hash)
+        raise transfer.TransferError(str(exc), exc.code) from None
+    try:
+        store.commit_partial(part)
+    except StoreError as exc:
+        raise transfer.TransferError(str(exc), "hash_mismatch") from None
+
+
+class _Verifier:
+    """Verifies and commits a finished layer in a second thread while the next one streams in.
+
+    Why: fsync, the second sha256 and the finite-value check cost about as much as receiving; done in line
+    they stall the socket. Depth one: a layer is handed over only after the previous one has passed, so at
+    most one layer is in verification and a failure stops the transfer one layer later at the latest."""
+
+    def __init__(self, store: LayerStore) -> None:
+        self.store = store
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def _run(self, part: PartialBlob, entry: bundle_mod.LayerEntry, sch: bundle_mod.LayerEntry) -> None:
+        try:
+            _verify_and_commit(self.store, part, entry, sch)
+        except BaseException as exc:  # noqa: BLE001 - handed to the receiving thread by wait()
+            self._error = exc
+
+    def wait(self) -> None:
+        """Block until the layer in verification is committed; raise its error if it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+    def submit(self, part: PartialBlob, entry: bundle_mod.LayerEntry, sch: bundle_mod.LayerEntry) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._run, args=(part, entry, sch), name="lane-verify",
+                                        daemon=True)
+        self._thread.start()
+
+    def drain(self) -> None:
+        """On the way out after an error: let the layer in verification finish (it was complete)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+
 def _recv_layers_blocking(conn: _Conn, incoming: transfer.Incoming, schema: Mapping[str, bundle_mod.LayerEntry],
                           store: LayerStore, faults: Faults | None, ctx: Mapping[str, Any],
                           progress: Callable[[int], None] | None) -> int:
-    """transfer.receive_layers, in one worker thread: the same checks, errors and partial-file resume."""
+    """transfer.receive_layers, in one worker thread (plus the verifier): the same checks, errors, partial
+    files and resume offsets; it returns only when every received layer is verified and in the store."""
     buf = bytearray(transfer.CHUNK)
     mv = memoryview(buf)
     received = 0
-    for it in incoming.send:
-        entry = it.entry
-        sch = schema.get(entry.name)
-        if sch is None:
-            raise transfer.TransferError(f"layer {entry.name!r} is not part of this job's model", "unknown_layer")
-        if entry.size != sch.size:
-            raise transfer.TransferError(f"layer {entry.name!r} announces {entry.size} bytes, the model's layer "
-                                         f"has {sch.size}", "oversize" if entry.size > sch.size else "truncated")
-        if store.has(entry.hash):
-            raise transfer.TransferError(f"layer {entry.name!r} was sent although we hold it", "unexpected")
-        try:
-            part = store.open_partial(entry.hash, size=entry.size)
-        except StoreError as exc:
-            raise transfer.TransferError(str(exc), "store") from None
-        try:
-            if part.offset != it.offset:
-                raise transfer.TransferError(f"layer {entry.name!r}: sender resumes at byte {it.offset}, we hold "
-                                             f"{part.offset}", "offset_mismatch")
-            remaining = entry.size - it.offset
-            while remaining > 0:
-                n = min(transfer.CHUNK, remaining)
-                try:
-                    conn.recv_into(mv[:n], wire.READ_TIMEOUT_S)
-                except TimeoutError:
-                    raise transfer.TransferError(f"no lane data for {wire.READ_TIMEOUT_S:g} s", "timeout") from None
-                except wire.WireError as exc:
-                    raise transfer.TransferError(str(exc), exc.kind) from None
-                except OSError as exc:
-                    raise transfer.TransferError(f"lane broke: {exc}", "broken") from None
-                part.write(mv[:n])
-                remaining -= n
-                received += n
-                if progress is not None:
-                    progress(received)
-                if faults is not None:
-                    faults.check("recv", bytes=received, **ctx)
-        finally:
-            part.close()
-        try:
-            _verify_file(str(part.path), entry, sch)
-        except bundle_mod.BundleError as exc:
-            store.discard_partial(entry.hash)
-            raise transfer.TransferError(str(exc), exc.code) from None
-        try:
-            store.commit_partial(part)
-        except StoreError as exc:
-            raise transfer.TransferError(str(exc), "hash_mismatch") from None
+    verifier = _Verifier(store)
+    try:
+        for it in incoming.send:
+            entry = it.entry
+            sch = schema.get(entry.name)
+            if sch is None:
+                raise transfer.TransferError(f"layer {entry.name!r} is not part of this job's model",
+                                             "unknown_layer")
+            if entry.size != sch.size:
+                raise transfer.TransferError(f"layer {entry.name!r} announces {entry.size} bytes, the model's "
+                                             f"layer has {sch.size}",
+                                             "oversize" if entry.size > sch.size else "truncated")
+            if store.has(entry.hash):
+                raise transfer.TransferError(f"layer {entry.name!r} was sent although we hold it", "unexpected")
+            try:
+                part = store.open_partial(entry.hash, size=entry.size)
+            except StoreError as exc:
+                raise transfer.TransferError(str(exc), "store") from None
+            handed = False
+            try:
+                if part.offset != it.offset:
+                    raise transfer.TransferError(f"layer {entry.name!r}: sender resumes at byte {it.offset}, we "
+                                                 f"hold {part.offset}", "offset_mismatch")
+                remaining = entry.size - it.offset
+                while remaining > 0:
+                    n = min(transfer.CHUNK, remaining)
+                    try:
+                        conn.recv_into(mv[:n], wire.READ_TIMEOUT_S)
+                    except TimeoutError:
+                        raise transfer.TransferError(f"no lane data for {wire.READ_TIMEOUT_S:g} s",
+                                                     "timeout") from None
+                    except wire.WireError as exc:
+                        raise transfer.TransferError(str(exc), exc.kind) from None
+                    except OSError as exc:
+                        raise transfer.TransferError(f"lane broke: {exc}", "broken") from None
+                    part.write(mv[:n])
+                    remaining -= n
+                    received += n
+                    if progress is not None:
+                        progress(received)
+                    if faults is not None:
+                        faults.check("recv", bytes=received, **ctx)
+                verifier.submit(part, entry, sch)
+                handed = True
+            finally:
+                if not handed:
+                    part.close()
+        verifier.wait()
+    finally:
+        verifier.drain()
     return received
 
 
