@@ -20,14 +20,25 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class SnakeNet:
-    def __init__(self, root: Path, network: str = "snake") -> None:
+    def __init__(self, root: Path, network: str = "snake", submitter: str = "n0") -> None:
         self.net = Net(root, network=network)
         self.root = root
         self.boot = self.net.start_bootstrap()
         self.boot.wait_ready()
         self.nodes: dict[str, Proc] = {}
         self.ids: dict[str, str] = {}
-        self.submitter = self.make_identity("n0")
+        self.submitter_name = submitter
+        self.submitter = self.make_identity(submitter)
+        self.coordinator: Proc | None = None
+
+    def add_coordinator(self, name: str = "coord") -> Proc:
+        """A coordinator peer (CS mode); it must be the submitter, so the nodes trust it."""
+        assert self.submitter_name == name, "create the SnakeNet with submitter=<coordinator name>"
+        proc = self.net.start_node(name, [self.boot.addr], data=None, extra=["--role", "coordinator"])
+        self.nodes[name] = proc
+        self.coordinator = proc
+        proc.wait_ready()
+        return proc
 
     def make_identity(self, name: str) -> str:
         home = self.net.home(name)
@@ -44,6 +55,8 @@ class SnakeNet:
         args = ["--partition", partition, "--shard", shard, "--seed", str(seed), *(extra or [])]
         if self.ids[name] != self.submitter:
             args += ["--trust", self.submitter]
+        if self.coordinator is not None and self.coordinator.alive():
+            args += ["--coordinator", self.coordinator.addr]
         proc = self.net.start_node(name, [self.boot.addr], data=data, extra=args)
         self.nodes[name] = proc
         return proc
@@ -65,18 +78,25 @@ class SnakeNet:
 
         self.net.wait(converged, 30, "every node to see every other")
 
-    def submit(self, job_toml: str, name: str = "job.toml", home: str = "n0") -> str:
+    def submit(self, job_toml: str, name: str = "job.toml", home: str | None = None, mode: str | None = None) -> str:
         tomllib.loads(job_toml)
         path = self.root / name
         path.write_text(job_toml)
-        r = run_cli("submit", str(path), "--home", str(self.net.home(home)))
+        extra = ["--mode", mode] if mode else []
+        r = run_cli("submit", str(path), "--home", str(self.net.home(home or self.submitter_name)), *extra)
         assert r.returncode == 0, r.stderr
         return r.stdout.strip()
 
-    def detail(self, job_id: str, node: str = "n0") -> dict[str, Any]:
-        return control(self.net.home(node), "job", {"job_id": job_id}, timeout=5)
+    def detail(self, job_id: str, node: str | None = None) -> dict[str, Any]:
+        return control(self.net.home(node or self.watcher()), "job", {"job_id": job_id}, timeout=5)
 
-    def wait_complete(self, job_id: str, timeout: float, node: str = "n0") -> dict[str, Any]:
+    def watcher(self) -> str:
+        """A live node to ask about jobs (the submitter unless it is down)."""
+        if self.nodes.get(self.submitter_name) is None or self.nodes[self.submitter_name].alive():
+            return self.submitter_name
+        return next(n for n, p in self.nodes.items() if p.alive())
+
+    def wait_complete(self, job_id: str, timeout: float, node: str | None = None) -> dict[str, Any]:
         def done() -> dict[str, Any] | None:
             d = self.detail(job_id, node)
             return d if d["summary"]["status"] == "complete" else None
