@@ -25,6 +25,7 @@ import hashlib
 import hmac
 import mmap
 import os
+import re
 import secrets
 import socket
 import ssl
@@ -62,6 +63,7 @@ MAX_CONNECTIONS = 8  # concurrent lane connections (handshakes included); more a
 HELLO_LIMIT = 4096
 MAX_CERT_BYTES = 4096
 LANE_ID_PREFIX = "lane-"
+_LANE_ID_RE = re.compile(r"^lane-[0-9a-f]{32}$")
 _T = TypeVar("_T")
 
 
@@ -193,8 +195,8 @@ class LaneOffer:
     @classmethod
     def from_wire(cls, f: wire.Fields) -> LaneOffer:
         lane_id = f.str("id", 64)
-        if not lane_id.startswith(LANE_ID_PREFIX) or not all(c in "0123456789abcdef" for c in lane_id[5:]):
-            raise wire.WireError(f"{f.where}.id must be {LANE_ID_PREFIX}<hex>", "malformed")
+        if not _LANE_ID_RE.match(lane_id):  # it becomes a TLS SNI label: keep it short and plain
+            raise wire.WireError(f"{f.where}.id must be {LANE_ID_PREFIX}<32 hex>", "malformed")
         token = f.bytes("token", 32)
         if len(token) != 32:
             raise wire.WireError(f"{f.where}.token must be 32 bytes", "malformed")
@@ -744,26 +746,29 @@ class LaneServer:
                     nursery.start_soon(self._connection, tsock, addr)
 
     async def _connection(self, tsock: trio.socket.SocketType, addr: Any) -> None:
-        raw = socket.socket(fileno=tsock.detach())
-        raw.setblocking(True)
-        conn = _Conn(raw)
+        conn: _Conn | None = None
         try:
+            raw = socket.socket(fileno=tsock.detach())
+            raw.setblocking(True)
+            conn = _Conn(raw)
             try:
                 exp = await _in_thread(lambda: self._authenticate(conn), conn)
             except _Refused as exc:
                 self.counters.add(f"reject.lane.{exc.kind}")
                 log.warning("lane_rejected", addr=_fmt_addr(addr), kind=exc.kind, error=str(exc)[:300])
                 return
-            except Exception as exc:  # noqa: BLE001 - nothing a connection does may stop the listener
-                self.counters.add("error.lane.handshake")
-                log.error("lane_handshake_failed", addr=_fmt_addr(addr), error=f"{type(exc).__name__}: {exc}"[:300])
-                return
             self.counters.add("lane.accepted")
             log.info("lane_accepted", peer=exp.peer_id, lane=exp.lane_id, addr=_fmt_addr(addr))
             await self._run_handler(exp, LaneIO(conn, self.counters, exp.peer_id))
+        except Exception as exc:  # noqa: BLE001 - nothing a connection does may stop the listener
+            self.counters.add("error.lane.connection")
+            log.error("lane_connection_failed", addr=_fmt_addr(addr), error=f"{type(exc).__name__}: {exc}"[:300])
         finally:
             self._active -= 1
-            conn.close()
+            if conn is not None:
+                conn.close()
+            else:
+                tsock.close()
 
     async def _run_handler(self, exp: _Expected, io: LaneIO) -> None:
         """safe_handler's contract for the lane: nothing escapes; refusals reach the sender as error frames."""
@@ -828,7 +833,7 @@ def _connect_blocking(hosts: list[str], offer: LaneOffer, cert: LaneCert | None,
     Everything here raises LaneUnavailable: no bundle byte has moved yet."""
     raw: socket.socket | None = None
     errors = []
-    for h in hosts:
+    for h in (h for h in hosts if h):
         try:
             raw = socket.create_connection((h, offer.port), timeout=timeout)
             break
