@@ -31,7 +31,7 @@ def test_peer_table_lifecycle() -> None:
     assert not t.get(A).down and t.get(A).next_dial == 5.0  # a newer profile is a sign of life
     t.on_connected(A, 6.0)
     assert t.on_disconnected(A, 7.0) is True and t.view(7.0) == []
-    assert t.expire(7.0 + 61) == [A]
+    assert t.expire(7.0 + 61) == [] and t.expire(7.0 + 601) == [A]  # recently live peers stay dialable
 
 
 def test_peer_table_never_lists_itself_and_dials_with_backoff() -> None:

@@ -28,7 +28,8 @@ log = logs.get("discovery")
 
 PROTO_PEERS = wire.PROTO_PEERS
 MAX_PX_PEERS = 256
-DIAL_TIMEOUT_S = 5.0
+DIAL_TIMEOUT_S = 10.0  # a loaded machine needs seconds for a Noise handshake in Python
+REEXCHANGE_S = 30.0  # ask the bootstrap peers again for everyone they know (heals partitions)
 DIAL_CONCURRENCY = 8
 DIAL_TICK_S = 0.25
 
@@ -71,8 +72,18 @@ class Discovery:
             self.table.mark_bootstrap(peer_id, a)
         self.wake()
 
+    async def _reexchange(self) -> None:
+        """Every REEXCHANGE_S, repeat peer exchange with connected bootstrap peers: a node cut off from part
+        of the network (load spike, partition) learns of everyone again and redials them."""
+        while True:
+            await trio.sleep(REEXCHANGE_S)
+            for pid in sorted(self.bootstrap_ids):
+                if self.table.get(pid).connected:
+                    await self.exchange(pid, want_peers=True)
+
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._reexchange)
             task_status.started()
             while True:
                 now = time.monotonic()

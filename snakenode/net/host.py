@@ -51,9 +51,9 @@ def build_host(ident: Identity, max_peers: int, announce: list[str] | None = Non
         low_watermark=0,
         high_watermark=max_peers * 2 + 16,
         max_connections_per_peer=2,
-        dial_timeout=5.0,
-        inbound_upgrade_timeout=5.0,
-        outbound_upgrade_timeout=5.0,
+        dial_timeout=10.0,
+        inbound_upgrade_timeout=10.0,
+        outbound_upgrade_timeout=10.0,
     )
     host = new_host(
         key_pair=kp,

@@ -6,6 +6,11 @@ a ping every `ping_interval_s`; a ping unanswered within `ping_timeout_s` is a m
 `ping_misses` consecutive misses the peer is declared down and disconnected. Worst-case detection is
 interval + misses x timeout (1 + 2 x 1.5 = 4 s with the defaults), inside the 6 s the product promises.
 The training worker is niced, so a busy node still answers and sends pings on time.
+
+Pings cost CPU (Noise, Yamux and trio work per round trip, on both sides), so a node spends at most
+PING_BUDGET_PER_S pings per second: with more live peers than that, each peer's period stretches to
+peers / budget seconds (measured: 33 daemons on 2 cores pinging the full mesh at 1 Hz starve each other,
+declare each other down and never converge). Detection then takes period + misses x timeout.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ log = logs.get("liveness")
 # A ping that "timed out" after several times its deadline means our own process was suspended
 # (SIGSTOP, a laptop lid, a starved event loop): not evidence against the peer.
 SUSPENDED_FACTOR = 3.0
+PING_BUDGET_PER_S = 16.0
 
 
 class _Notifee(INotifee):
@@ -76,6 +82,10 @@ class Liveness:
         self._send, self._recv = trio.open_memory_channel[tuple[str, str]](1024)
         self._pinging: set[str] = set()
         self._nursery: trio.Nursery | None = None
+
+    def period(self) -> float:
+        """Seconds between two pings of one peer: the configured interval, stretched past the budget."""
+        return max(self.interval_s, len(self._pinging) / PING_BUDGET_PER_S)
 
     def notifee(self) -> INotifee:
         return _Notifee(self._send)
@@ -166,7 +176,7 @@ class Liveness:
                         self.table.get(pid).connected = False
                         break
                     continue  # ping again at once: a second miss should not wait a full interval
-                await trio.sleep(max(0.0, self.interval_s - (time.monotonic() - t0)))
+                await trio.sleep(max(0.0, self.period() - (time.monotonic() - t0)))
         finally:
             self._pinging.discard(pid)
             if stream is not None:

@@ -16,6 +16,7 @@ from typing import Any
 # restarted network does not redial in lockstep.
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 30.0
+RECENT_S = 600.0  # a peer seen alive this recently stays a dial candidate (healing after partitions)
 
 
 @dataclass
@@ -174,7 +175,10 @@ class PeerTable:
             if e.connected or not e.addrs or now < e.next_dial:
                 continue
             fresh = e.profile is not None and now - e.profile_at < self.profile_ttl_s
-            if e.is_bootstrap or fresh:
+            # A peer that was live recently is worth redialing even when its profile went stale: after a
+            # load spike or a partition, gossip may have stopped reaching us before the links came back.
+            recent = now - e.last_seen < RECENT_S
+            if e.is_bootstrap or fresh or recent:
                 out.append(e)
         return out
 
@@ -183,7 +187,7 @@ class PeerTable:
         gone = [
             pid for pid, e in self.entries.items()
             if not e.connected and not e.is_bootstrap and (e.profile is None or now - e.profile_at > self.profile_ttl_s)
-            and now - e.last_seen > self.profile_ttl_s
+            and now - e.last_seen > max(self.profile_ttl_s, RECENT_S)
         ]
         for pid in gone:
             del self.entries[pid]

@@ -56,6 +56,7 @@ class NetService:
         self.control: ControlServer | None = None
         self.nursery: trio.Nursery | None = None
         self.peer_events: list[Callable[[str, str], None]] = []
+        self.profile_events: list[Callable[[dict[str, Any]], None]] = []
         self.node_json_extra: dict[str, Any] = {}
         self._private_dir: Path | None = None
 
@@ -109,8 +110,14 @@ class NetService:
         result = self.table.on_profile(prof, time.monotonic())
         if result == "new":
             log.info("peer_profile", peer=prof["peer_id"], role=prof["role"])
-        if result != "stale" and self.discovery is not None:
-            self.discovery.wake()
+        if result != "stale":
+            if self.discovery is not None:
+                self.discovery.wake()
+            for cb in self.profile_events:
+                try:
+                    cb(prof)
+                except Exception as exc:  # noqa: BLE001 - observers must not break discovery
+                    log.error("profile_event_failed", error=f"{type(exc).__name__}: {exc}")
 
     async def _gossip_profile(self, sender: str, obj: dict[str, Any]) -> None:
         prof = profile_mod.decode(obj)

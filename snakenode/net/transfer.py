@@ -28,6 +28,10 @@ from snakenode.snake.store import LayerStore, StoreError
 
 CHUNK = 1 << 20  # 1 MiB writes: the measured sweet spot for Noise+Yamux
 ACK_TIMEOUT_S = 120.0  # the receiver verifies every layer before acking; large models take a while
+# A sender slower than this on average (after a grace period) is cut off: a trickle of bytes would
+# otherwise hold a reservation and a stream forever (slowloris). 16 KiB/s is far below any real link.
+MIN_RATE_B_S = 16 * 1024
+MIN_RATE_GRACE_S = 15.0
 
 
 class TransferError(Exception):
@@ -138,6 +142,7 @@ async def receive_layers(io: StreamIO, incoming: Incoming, schema: Mapping[str, 
                          on_progress: Callable[[int], None] | None = None) -> int:
     """Read the listed layers into the store, verifying each. Returns the bytes received."""
     received = 0
+    t0 = time.monotonic()
     for it in incoming.send:
         entry = it.entry
         sch = schema.get(entry.name)
@@ -162,6 +167,10 @@ async def receive_layers(io: StreamIO, incoming: Incoming, schema: Mapping[str, 
                 part.write(chunk)
                 remaining -= len(chunk)
                 received += len(chunk)
+                elapsed = time.monotonic() - t0
+                if elapsed > MIN_RATE_GRACE_S and received / elapsed < MIN_RATE_B_S:
+                    raise TransferError(f"sender too slow: {received} bytes in {elapsed:.0f} s (minimum "
+                                        f"{MIN_RATE_B_S // 1024} KiB/s)", "too_slow")
                 if on_progress is not None:
                     on_progress(received)
                 if faults is not None and faults.check("recv", bytes=received, **(ctx or {})) == "break":
