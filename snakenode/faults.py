@@ -9,7 +9,8 @@ SPEC is a list of items separated by `;` or `,`:
   rate=SIZE/s                                e.g. rate=1MB/s (bundle send rate limit)
 ACTION: exit (SIGKILL itself: a crash with no cleanup), stop (SIGSTOP itself: a frozen process),
         raise (the handler or step raises RuntimeError), decline (answer every Propose with Decline),
-        hang (stop answering at this phase, stay alive), break (send/recv: reset the bundle stream here).
+        hang (stop answering at this phase, stay alive), break (send/recv: reset the bundle stream here),
+        poison (handoff: scale every float weight of the model by 1000 before handing it on).
 PHASE:  propose, accept, send, recv, train, handoff, handler, assign, upload.
 KEYS:   hop=N (only at this hop), attempt=N, after_bytes=N (recv/send: once this many bundle bytes moved),
         times=N (fire at most N times, default 1; 0 = always), job=ID.
@@ -27,7 +28,7 @@ from snakenode import logs
 
 log = logs.get("faults")
 
-ACTIONS = ("exit", "stop", "raise", "decline", "hang", "break")
+ACTIONS = ("exit", "stop", "raise", "decline", "hang", "break", "poison")
 PHASES = ("propose", "accept", "send", "recv", "train", "handoff", "handler", "assign", "upload")
 INT_KEYS = ("hop", "attempt", "after_bytes", "times")
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB|kbit|Mbit|Gbit)?/s$", re.I)

@@ -27,9 +27,11 @@ class Cluster:
         self.boot_addr = self.boot.addr
         self.nodes = []
         for i in range(N_NODES):
+            # n0 observes while its worker trains: give it two torch threads so it saturates both cores.
+            env = {"SNAKENODE_WORKER_THREADS": "2"} if i == 0 else None
             self.nodes.append(self.net.start_node(
                 f"n{i}", [self.boot_addr], data="digits",
-                extra=["--partition", "dirichlet:0.3", "--shard", f"{i}/{N_NODES}", "--seed", "7"]))
+                extra=["--partition", "dirichlet:0.3", "--shard", f"{i}/{N_NODES}", "--seed", "7"], env=env))
         for n in self.nodes:
             n.wait_ready()
 
@@ -154,7 +156,8 @@ def test_drop_times_hold_while_observer_trains(cluster: Cluster) -> None:
     """The observer's own worker saturates the cores with torch; liveness must still keep its promises."""
     cluster.ensure_up()
     observer = cluster.nodes[0]
-    burn = control(observer.home, "burn", {"seconds": 25.0, "threads": 2}, timeout=5)
+    # `snakenode bench`: the compute benchmark, a torch workload, in the observer's own worker.
+    burn = control(observer.home, "bench", {"seconds": 25.0}, timeout=5)
     assert burn["started"]
     wait_for(lambda: control(observer.home, "status")["worker"]["busy"], 30, "the observer's worker to be busy")
     victim = cluster.nodes[2]
@@ -175,7 +178,7 @@ def test_drop_times_hold_while_observer_trains(cluster: Cluster) -> None:
     # No false positives: the healthy peers stayed in the busy observer's table.
     healthy = {cluster.nodes[3].peer_id, cluster.nodes[4].peer_id, cluster.boot.peer_id}
     assert healthy <= peer_ids(observer.home)
-    control(observer.home, "burn", {"seconds": 0.0}, timeout=5)
+    control(observer.home, "bench", {"seconds": 0.0}, timeout=5)
 
 
 @pytest.mark.timeout(90)

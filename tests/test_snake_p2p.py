@@ -45,6 +45,13 @@ def test_job_completes_every_member_each_lap_and_log_validates(four: tuple[Snake
     for p in sn.nodes.values():
         own = hoplog.read_log(p.home / "jobs" / job_id / "hoplog.jsonl")
         assert own and all(hoplog.validate_record(r) == [] for r in own)
+    # The honest non-IID run never trips the poisoning guard.
+    from harness import control
+
+    for p in sn.nodes.values():
+        counters = control(p.home, "status")["counters"]
+        assert not counters.get("snake.poison_suspect") and not counters.get("reject.bundle.poison_suspect")
+    assert not [r for r in records if r["event"] == "declined" and (r["detail"] or {}).get("reason") == "poison_suspect"]
     # Non-IID: KD was on (auto) for these skewed shards.
     trained = [r for r in records if r["event"] == "trained"]
     assert any((r["detail"] or {}).get("kd", {}).get("on") for r in trained)
@@ -149,6 +156,37 @@ def test_successor_killed_while_training_and_while_receiving(tmp_path: Path) -> 
         assert len(finals) == 1
         for lap, holders in laps_holders(records).items():
             assert sn.ids["n1"] not in holders and sn.ids["n2"] not in holders, lap
+    finally:
+        sn.close()
+
+
+@pytest.mark.timeout(120)
+def test_poisoned_model_is_refused_and_never_adopted(tmp_path: Path) -> None:
+    """n0 trains hop 0, then scales its model by 1000 before handing it on: every receiver refuses it with
+    poison_suspect (the per-layer change bound), so the poison never becomes anyone's model."""
+    sn = SnakeNet(tmp_path, network="poison")
+    try:
+        sn.add_node("n0", "0/3", extra=["--test-faults", "poison@handoff:hop=0"])
+        sn.add_node("n1", "1/3")
+        sn.add_node("n2", "2/3")
+        sn.wait_ready()
+        job_id = sn.submit(job_toml(laps=1, epochs=1))
+        refusals = sn.net.wait(lambda: [r for r in sn.detail(job_id)["records"] if r["event"] == "declined"
+                                        and (r["detail"] or {}).get("reason") == "poison_suspect"
+                                        and r["node"] == sn.ids["n0"]] or None, 90, "the poisoned model to be refused")
+        assert {r["holder"] for r in refusals} <= {sn.ids["n1"], sn.ids["n2"]}
+        from harness import control
+
+        for name in ("n1", "n2"):
+            counters = control(sn.net.home(name), "status")["counters"]
+            if any(r["holder"] == sn.ids[name] for r in refusals):
+                assert counters["reject.bundle.poison_suspect"] >= 1 and counters["snake.poison_suspect"] >= 1
+            cp = sn.net.home(name) / "jobs" / job_id / "checkpoint.json"
+            if cp.exists():
+                import json
+
+                assert json.loads(cp.read_text()).get("phase") not in ("received", "training", "trained")
+        assert all(p.alive() for p in sn.nodes.values())
     finally:
         sn.close()
 

@@ -168,6 +168,14 @@ TABLES: dict[str, dict[str, _Field]] = {
         "drop_after_s": _float(30.0, 0.0, 86_400.0, lo_open=True),
         "max_declines": _int(3, 1, 1000),
     },
+    "guard": {
+        # Poisoning guard on incoming models: a layer whose norm of change relative to the version this
+        # node last held exceeds max_rel_change is refused; from the second lap on, an incoming model whose
+        # local validation loss exceeds val_loss_factor x that of the previous incoming model is refused.
+        "enabled": _bool(True),
+        "max_rel_change": _float(10.0, 0.0, 1e6, lo_open=True),
+        "val_loss_factor": _float(4.0, 2.0, 1e6),
+    },
     "routing": {
         "novelty": _float(1.0, 0.0, 100.0),
         "compute": _float(0.3, 0.0, 100.0),

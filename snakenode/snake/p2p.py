@@ -89,6 +89,7 @@ class Snake:
         self.nursery: trio.Nursery | None = None
         self.extra_trusted: set[str] = set()
         self._rejected_jobs: set[str] = set()
+        self._asking: set[str] = set()
         self.cs = CS(self)
 
     # ================================================================================ setup
@@ -118,6 +119,7 @@ class Snake:
         self.svc.gossip.on("jobs", self._on_jobs_msg)
         self.svc.gossip.on("progress", self._on_progress_msg)
         self.svc.peer_events.append(self._on_peer_event)
+        self.svc.profile_events.append(self._on_peer_profile)
         self.load()
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
@@ -129,6 +131,34 @@ class Snake:
             self._update_profile()
             task_status.started()
             await trio.sleep_forever()
+
+    def _on_peer_profile(self, prof: dict[str, Any]) -> None:
+        """A peer works on jobs we never heard of (we joined late): ask it for them at once."""
+        for job_id in [*(prof.get("jobs") or []), *(prof.get("preparing") or [])]:
+            if job_id not in self.jobs and job_id not in self._rejected_jobs and job_id not in self._asking \
+                    and self.nursery is not None:
+                self._asking.add(job_id)
+                self.nursery.start_soon(self._ask_job, prof["peer_id"], job_id)
+
+    async def _ask_job(self, peer: str, job_id: str) -> None:
+        try:
+            kind, f = await self._state_request(peer, {"t": "get_job", "job_id": job_id})
+            if kind != "job":
+                return
+            signed = SignedJob.decode(f.bytes("job", 64 * 1024))
+            if signed.job_id != job_id:
+                raise wire.WireError("the peer sent another job than asked", "forged")
+            verify_job(signed, self.trusted())
+            self.intake(signed)
+        except JobRejected as exc:
+            self._rejected_jobs.add(job_id)
+            self.counters.add(f"reject.job.{exc.reason}")
+            log.warning("job_rejected", job=job_id, reason=exc.reason, detail=str(exc)[:200])
+        except Exception as exc:  # noqa: BLE001 - the periodic re-announcement is the fallback
+            self.counters.add("snake.get_job.failed")
+            log.debug("get_job_failed", job=job_id, peer=peer, error=f"{type(exc).__name__}: {exc}"[:200])
+        finally:
+            self._asking.discard(job_id)
 
     def _on_peer_event(self, event: str, pid: str) -> None:
         if event == "down":
@@ -456,7 +486,9 @@ class Snake:
         if base.lap > state.lap:
             self._record(run, "lap_complete", base, detail={"metric": base.lap_metrics[-1]})
         done = st.job_done(base, spec)
-        self.faults.check("handoff", hop=state.hop, attempt=state.attempt, job=run.job_id)
+        if self.faults.check("handoff", hop=state.hop, attempt=state.attempt, job=run.job_id) == "poison":
+            new_model = await trio.to_thread.run_sync(self._poisoned, new_model)
+            run.model = new_model
         if self.cs.is_cs(run):
             # CS mode: the trained window goes back to the coordinator, which plans the next hop.
             test = await self._final_test(run, new_model) if done else None
@@ -475,6 +507,15 @@ class Snake:
         run.phase = "handing_off"
         self.svc.set_state("sending", run.job_id, state.hop)
         await self._handoff(run, base, new_model)
+
+    def _poisoned(self, model: dict[str, str]) -> dict[str, str]:
+        """TEST ONLY (--test-faults poison@handoff): the model with every float weight scaled by 1000."""
+        out = {}
+        for name, h in model.items():
+            tensors = bundle_mod.decode_blob(self.store.get_bytes(h), name)
+            scaled = {k: (v * 1000).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in tensors.items()}
+            out[name] = self.store.put_bytes(bundle_mod.encode_blob(scaled))
+        return out
 
     def _check_current(self, run: JobRun, state: JobState) -> None:
         if run.state is None or run.state.lineage != state.lineage or run.phase in ("superseded", "done"):
@@ -678,6 +719,12 @@ class Snake:
                 "planned_bytes": sum(it.entry.size - it.offset for it in items), "layers": len(items),
                 "held": len(reply.held), "resumed_bytes": sum(it.offset for it in items)})
             ok, sent = await self._transfer(run, cand, proposal, model, items)
+            if ok is None:
+                # The receiver's poisoning guard refused the model: a Decline(poison_suspect); route on.
+                self._record(run, "declined", proposal, detail={"reason": "poison_suspect"})
+                excluded[cand] = "declined"
+                attempt = proposal.attempt + 1
+                continue
             if not ok:
                 transfer_failures[cand] = transfer_failures.get(cand, 0) + 1
                 if transfer_failures[cand] >= 2:
@@ -809,7 +856,9 @@ class Snake:
         return transfer.plan_send(self._entries(run, model), set(acc.held), acc.partial)
 
     async def _transfer(self, run: JobRun, cand: str, proposal: JobState, model: dict[str, str],
-                        items: list[transfer.SendItem]) -> tuple[bool, int]:
+                        items: list[transfer.SendItem]) -> tuple[bool | None, int]:
+        """(True, bytes) on commit; (False, _) on a failure worth retrying; (None, _) when the receiver's
+        poisoning guard refused the model."""
         manifest = bundle_mod.LayerBundle(run.job_id, proposal.to_dict(), self._entries(run, model))
         io = None
         self.svc.set_state("sending", run.job_id, proposal.hop - 1 if proposal.hop else None)
@@ -820,6 +869,10 @@ class Snake:
             log.info("bundle_sent", job=run.job_id, hop=proposal.hop, to=cand, layers=len(items),
                      bytes=res["bytes"], seconds=round(res["seconds"], 3))
             return True, int(res["bytes"])
+        except transfer.TransferError as exc:
+            self.counters.add("snake.transfer.failed")
+            log.warning("bundle_failed", job=run.job_id, hop=proposal.hop, to=cand, kind=exc.kind, error=str(exc)[:300])
+            return (None if exc.kind == "poison_suspect" else False), 0 if io is None else io.bytes_out
         except Exception as exc:  # noqa: BLE001 - any failure: re-propose (resumes) or move on
             self.counters.add("snake.transfer.failed")
             log.warning("bundle_failed", job=run.job_id, hop=proposal.hop, to=cand,
@@ -954,6 +1007,42 @@ class Snake:
         reply = await self._consider(io.peer, p)
         await io.write_frame(reply.to_wire())
 
+    async def _poison_check(self, run: JobRun, state: JobState, model: dict[str, str]) -> str | None:
+        """Why an incoming model looks poisoned, or None. Hard check: no layer moved more than
+        guard.max_rel_change times its norm since the version this node last held. From the second lap on:
+        its local validation loss is at most guard.val_loss_factor times the previous incoming model's."""
+        g = run.spec["guard"]
+        if not g["enabled"]:
+            return None
+        prev = run.model or run.init_state
+        for name, h in sorted(model.items()):
+            old = prev.get(name)
+            if old is None or old == h or not self.store.has(old):
+                continue
+            try:
+                rc = await trio.to_thread.run_sync(bundle_mod.relative_change, self.store.get_bytes(old),
+                                                   self.store.get_bytes(h), name)
+            except bundle_mod.BundleError as exc:
+                return f"layer {name}: {exc}"
+            if rc > g["max_rel_change"]:
+                return f"layer {name} moved {rc:.3g}x its norm since this node last held it (limit {g['max_rel_change']:g})"
+        if self.d.data_spec is None:
+            return None
+        try:
+            res = await self.d.worker_call("evaluate", {"job": run.spec, "state": model,
+                                                        "data": self.d.data_spec.to_dict(), "split": "val"})
+        except Exception as exc:  # noqa: BLE001 - the guard must not refuse honest work on a local failure
+            log.warning("poison_check_unavailable", job=run.job_id, error=str(exc)[:200])
+            return None
+        loss = float(res.get("loss", float("nan")))
+        prev_loss = run.incoming_loss
+        if state.lap >= 1 and prev_loss is not None and loss == loss and loss > g["val_loss_factor"] * prev_loss:
+            return (f"validation loss {loss:.4g} is over {g['val_loss_factor']:g}x that of the previous incoming "
+                    f"model ({prev_loss:.4g})")
+        if loss == loss:
+            run.incoming_loss = loss
+        return None
+
     async def _serve_bundle(self, io: host_mod.StreamIO) -> None:
         kind, f = await io.read_frame(limit=bundle_mod.MAX_MANIFEST_BYTES + 64 * 1024)
         if kind != "bundle":
@@ -994,6 +1083,17 @@ class Snake:
         if missing:
             run.phase = "reserved"
             raise wire.WireError(f"layers {missing[:5]} were neither sent nor held here", "incomplete")
+        suspect = await self._poison_check(run, state, model)
+        if suspect is not None:
+            self.counters.add("snake.poison_suspect")
+            log.warning("poison_suspect", job=run.job_id, hop=state.hop, frm=io.peer, why=suspect)
+            self._record(run, "declined", state, detail={"reason": "poison_suspect", "detail": suspect,
+                                                         "by": self.me})
+            if self.reservation is r:
+                self.reservation = None
+                run.phase = "idle"
+                self._set_idle()
+            raise wire.WireError(f"poison_suspect: {suspect}", "poison_suspect")
         async with run.lock:
             if self.reservation is not r:
                 raise wire.WireError("the reservation was replaced by a later proposal", "stale")
@@ -1032,6 +1132,12 @@ class Snake:
                 await io.write_frame({"t": "unknown", "reason": "job unknown here"})
                 return
             await io.write_frame(await getattr(self, f"_on_{kind}")(run, ref, io.peer))
+        elif kind == "get_job":
+            run = self.jobs.get(f.str("job_id", 16, pattern=wire.JOB_ID_RE))
+            if run is None:
+                await io.write_frame({"t": "unknown", "reason": "job unknown here"})
+            else:
+                await io.write_frame({"t": "job", "job": run.signed.encode()})
         elif kind == "checkpoint_query":
             run = self.jobs.get(f.str("job_id", 16, pattern=wire.JOB_ID_RE))
             await io.write_frame(self._checkpoint_view(run))

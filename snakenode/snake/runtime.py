@@ -72,6 +72,7 @@ class JobRun:
     parents: dict[str, str] = field(default_factory=dict)  # lineage -> parent lineage, from records seen
     attempts: dict[int, int] = field(default_factory=dict)  # hop -> highest attempt committed anywhere
     fallback: bool = False  # a CS job that carried on in P2P mode after losing its coordinator
+    incoming_loss: float | None = None  # local validation loss of the last model this node accepted
 
     @property
     def spec(self) -> dict[str, Any]:
@@ -134,6 +135,7 @@ class JobRun:
             "job_id": self.job_id, "joined": self.joined, "join_reason": self.join_reason,
             "schema": [e.to_dict() for e in self.schema.values()], "blocks": self.blocks,
             "init_state": self.init_state, "completed": self.completed, "origin": self.origin,
+            "incoming_loss": self.incoming_loss,
         })
 
     def save_checkpoint(self) -> None:
@@ -167,6 +169,8 @@ class JobRun:
             run.init_state = dict(meta.get("init_state") or {})
             run.completed = meta.get("completed")
             run.origin = bool(meta.get("origin"))
+            loss = meta.get("incoming_loss")
+            run.incoming_loss = float(loss) if isinstance(loss, int | float) else None
         except (FileNotFoundError, json.JSONDecodeError, bundle_mod.BundleError, ValueError, TypeError):
             pass
         try:
