@@ -5,15 +5,20 @@ trying it: per block, the extra memory and time of training it, on top of a fixe
 
 How each number is obtained (short: a few forward/backward passes on one batch):
 - `fixed_mb`: RSS with the whole model at the frozen precision plus the data (runtime included), plus the
-  largest transient of a frozen forward, plus the activations that frozen blocks keep for the backward pass
-  when the window is at the very start (the worst case; with `checkpoint_frozen` only block inputs).
+  largest transient of a frozen forward.
 - `blocks[i].train_mb`: fp32 weights minus their frozen copy, grads, optimizer state, the KD teacher's copy
   of the block at frozen precision, and the activations the block saves (counted exactly with
   saved_tensors_hooks), for one micro-batch.
 - `blocks[i].step_s`: extra seconds per batch when the block trains (forward+backward with weight grads,
   minus its frozen forward), measured once per distinct block shape.
-- `frozen_step_s`: forward of the whole model per batch, plus the input-gradient backward through every
-  frozen block (worst case), so hop time estimates err on the long side.
+- `blocks[i].pass_mb` / `pass_s`: what a *frozen* block costs when the backward pass runs through it (it
+  lies after the window): the activations it keeps (only its input with `checkpoint_frozen`, since it is
+  recomputed) and the time of its input-gradient backward (plus the recomputation when checkpointed).
+  `snake/window.py` adds these for the frozen blocks after the window, which makes early windows dearer.
+- `frozen_step_s`: forward of the whole model per batch, frozen, plus the loss's forward and backward
+  from the head's input (paid every step, whichever layers train: for an LM the vocabulary projection).
+Unless `kd.mode` is off, times include the KD teacher, which re-runs every layer after the first trained
+one (auto may turn KD on for any node, so it is assumed on).
 The profile is cached by the worker in HOME/cache/capacity-<key>.json.
 """
 
@@ -65,7 +70,7 @@ def cache_key(job: dict[str, Any], data: dict[str, Any]) -> str:
     doc = {"model": job.get("model"), "model_args": job.get("model_args") or {}, "batch": cfg.batch,
            "micro": cfg.micro, "frozen_dtype": cfg.frozen_dtype, "optimizer": cfg.optimizer,
            "checkpoint_frozen": cfg.checkpoint_frozen, "seq_len": cfg.seq_len, "data": data.get("name"),
-           "momentum": cfg.momentum > 0, "v": 1}
+           "momentum": cfg.momentum > 0, "v": 2}
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -141,9 +146,13 @@ def measure(engine: Engine, job: dict[str, Any], data: dict[str, Any]) -> dict[s
                 hh = model.run(n, hh)
 
     forward_s = _timeit(fwd_all) * per_batch
+    loss_s = _loss_time(model, inputs["head"], x, kd_possible=str((job.get("kd") or {}).get("mode", "auto")) != "off")
+    forward_s += loss_s * per_batch
 
+    kd_mode = str((job.get("kd") or {}).get("mode", "auto"))
+    kd_possible = kd_mode != "off"
     # frozen blocks with grad flowing through them: saved activations and input-grad backward time
-    frozen_act_mb, frozen_bwd_s = [], []
+    passes: list[tuple[float, float]] = []
     sig_cache: dict[Any, tuple[float, float]] = {}
     for i in range(model.num_blocks):
         n = f"blocks.{i}"
@@ -157,16 +166,15 @@ def measure(engine: Engine, job: dict[str, Any], data: dict[str, Any]) -> dict[s
                 o = model.run(n, hin)
                 torch.autograd.grad(o, hin, g)
 
-            t = max(0.0, _timeit(bwd, 1) - _timeit(lambda n=n, hin=hin: _nograd(model, n, hin), 1))
+            t_fwd = _timeit(lambda n=n, hin=hin: _nograd(model, n, hin), 1)
+            t = max(0.0, _timeit(bwd, 1) - t_fwd)
+            if cfg.checkpoint_frozen:
+                saved, t = hin.numel() * hin.element_size(), t + t_fwd      # input kept; forward recomputed
+            if kd_possible:
+                t += t_fwd                                                   # the teacher runs it again
             sig_cache[sig] = (saved / 2**20, t)
             del out, g
-        frozen_act_mb.append(sig_cache[sig][0])
-        frozen_bwd_s.append(sig_cache[sig][1] * per_batch)
-    if cfg.checkpoint_frozen:
-        act_fixed = max(frozen_act_mb, default=0.0) + sum(
-            inputs[f"blocks.{i}"].numel() * 4 / 2**20 for i in range(model.num_blocks))
-    else:
-        act_fixed = sum(frozen_act_mb)
+        passes.append((sig_cache[sig][0], sig_cache[sig][1] * per_batch))
 
     opt_bytes = {"sgd": 4.0 if cfg.momentum > 0 else 0.0, "adam": 8.0, "adamw": 8.0}[cfg.optimizer]
     fb = _BYTES[cfg.frozen_dtype]
@@ -205,21 +213,44 @@ def measure(engine: Engine, job: dict[str, Any], data: dict[str, Any]) -> dict[s
         M.freeze_module(mod, cfg.frozen_dtype)
         t_frozen = _timeit(lambda: _nograd(model, n, inputs[n]), 1)
         state_mb = params * (4.0 - fb + 4.0 + opt_bytes + fb) / 2**20      # weights, grads, optimizer, teacher
-        res = {"train_mb": round(state_mb + saved / 2**20, 3),
-               "step_s": round(max(0.0, t_train - t_frozen) * per_batch, 6)}
+        extra = t_train - t_frozen + (t_frozen if kd_possible else 0.0)          # + the teacher's copy
+        res = {"train_mb": round(state_mb + saved / 2**20, 3), "step_s": round(max(0.0, extra) * per_batch, 6)}
         cache[sig] = res
         return res
 
     cost_cache: dict[Any, dict[str, float]] = {}
-    blocks = [layer_cost(f"blocks.{i}", cost_cache) for i in range(model.num_blocks)]
+    blocks = [{**layer_cost(f"blocks.{i}", cost_cache), "pass_mb": round(passes[i][0], 3),
+               "pass_s": round(passes[i][1], 6)} for i in range(model.num_blocks)]
     stem = layer_cost("stem", cost_cache)
     head = layer_cost("head", cost_cache)
     n_train = len(train_b)
     engine.loaded = None
-    return {"fixed_mb": round(base + transient + act_fixed, 3), "blocks": blocks, "stem": stem, "head": head,
-            "frozen_step_s": round(forward_s + sum(frozen_bwd_s), 6),
-            "steps_per_epoch": max(1, math.ceil(n_train / cfg.batch)),
-            "forward_s": round(forward_s, 6), "frozen_backward_s": round(sum(frozen_bwd_s), 6)}
+    return {"fixed_mb": round(base + transient, 3), "blocks": blocks, "stem": stem, "head": head,
+            "frozen_step_s": round(forward_s, 6), "steps_per_epoch": max(1, math.ceil(n_train / cfg.batch))}
+
+
+def _loss_time(model: M.LayeredModel, h_head: torch.Tensor, x: torch.Tensor, kd_possible: bool) -> float:
+    """Loss forward+backward from the head's input: paid every step whatever trains (for LMs the
+    vocabulary projection, recomputed in the backward pass, and the teacher's projection under KD)."""
+    from snakenode.train import engine as E
+    from snakenode.train import kd as K
+
+    def run() -> None:
+        h = h_head.detach().clone().requires_grad_(True)
+        f = model.run("head", h)
+        if model.task == "lm":
+            y = x[:, : f.shape[1]] if x.dim() == 2 else torch.zeros(f.shape[:2], dtype=torch.long)
+            tf = f.detach() if kd_possible else None
+            loss = K.chunked_lm_loss(f, y.long() % max(1, getattr(model, "vocab_size", 1)), model.project, tf,
+                                     model.project if kd_possible else None, 0.5 if kd_possible else 0.0, 2.0,
+                                     E.lm_chunk_tokens(model))
+        else:
+            logits = model.project(f)
+            loss = K.kd_loss(logits, logits.detach() if kd_possible else None,
+                             torch.zeros(logits.shape[0], dtype=torch.long), 0.5 if kd_possible else 0.0, 2.0)
+        torch.autograd.grad(loss, h)
+
+    return _timeit(run, 1)
 
 
 def _nograd(model: M.LayeredModel, n: str, h: Any) -> Any:

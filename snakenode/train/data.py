@@ -193,9 +193,18 @@ def _sha256_file(path: Path) -> str:
 
 
 def _read_csv_gz(path: Path) -> np.ndarray:
+    """A gzip CSV of integers as float32 (about 2x faster than np.loadtxt, which the daemon start feels)."""
     with gzip.open(path, "rb") as f:
         raw = f.read()
-    return np.loadtxt(io.BytesIO(raw), delimiter=",", dtype=np.float32)
+    first = raw.split(b"\n", 1)[0]
+    cols = len(first.split(b","))
+    try:
+        flat = np.array(raw.replace(b",", b" ").split(), dtype=np.int64)
+        if flat.size % cols:
+            raise ValueError("ragged rows")
+        return flat.reshape(-1, cols).astype(np.float32)
+    except ValueError:
+        return np.loadtxt(io.BytesIO(raw), delimiter=",", dtype=np.float32, ndmin=2)
 
 
 def _image_dataset(name: str, pixels: np.ndarray, labels: np.ndarray, scale: float, fp: str,

@@ -419,96 +419,105 @@ class Engine:
         if not trainable:
             raise EngineError("bad_args", "nothing to train: empty window and stem/head frozen")
         lo = self._ensure(job, state, trainable, cfg.frozen_dtype)
-        train_b = self._batches(lo, spec, "train", cfg)
-        val_b = self._batches(lo, spec, "val", cfg)
-        eval_batch = max(cfg.batch, 64) if model.task != "lm" else cfg.micro
-        skipped = {"loss": None, "samples": 0}
-        before = self._eval(model, val_b, eval_batch) if evaluate else skipped
+        try:
+            train_b = self._batches(lo, spec, "train", cfg)
+            val_b = self._batches(lo, spec, "val", cfg)
+            eval_batch = max(cfg.batch, 64) if model.task != "lm" else cfg.micro
+            skipped = {"loss": None, "samples": 0}
+            before = self._eval(model, val_b, eval_batch) if evaluate else skipped
 
-        stats = D.stats(spec)
-        kd_on, js = K.kd_decision(kdc, model.task, stats["label_hist"], reference_hist)
-        teacher = build_teacher(model, trainable, cfg.frozen_dtype) if kd_on and kdc.alpha > 0 else {}
+            stats = D.stats(spec)
+            kd_on, js = K.kd_decision(kdc, model.task, stats["label_hist"], reference_hist)
+            teacher = build_teacher(model, trainable, cfg.frozen_dtype) if kd_on and kdc.alpha > 0 else {}
 
-        order = model.all_layer_names()
-        first = min(order.index(n) for n in trainable)
-        params = [p for n in sorted(trainable) for p in model.get_layer(n).parameters()]
-        opt = self._optimizer(cfg, params)
-        for n in order:
-            model.get_layer(n).train(n in trainable)
+            order = model.all_layer_names()
+            first = min(order.index(n) for n in trainable)
+            params = [p for n in sorted(trainable) for p in model.get_layer(n).parameters()]
+            opt = self._optimizer(cfg, params)
+            for n in order:
+                model.get_layer(n).train(n in trainable)
 
-        gen = torch.Generator()
-        gen.manual_seed(_rng_seed(lo.spec.seed, sorted(state.items()), list(window), spec.to_dict()))
-        t_train0 = time.monotonic()
-        samples = steps = 0
-        stopped = None
-        last_event = time.monotonic()
-        n = len(train_b)
-        if n == 0:
-            raise EngineError("bad_data", f"no training samples for {spec.data_flag} shard "
-                                          f"{spec.shard_index}/{spec.shard_count}")
-        for epoch in range(cfg.epochs):
-            perm = torch.randperm(n, generator=gen)
-            ep_loss, ep_count = 0.0, 0
-            for s in range(0, n, cfg.batch):
-                t_step = time.monotonic()
-                idx = perm[s:s + cfg.batch]
-                if model.task == "classification" and len(idx) < 2 and n >= 2:
-                    continue                                # BatchNorm cannot train on one sample
-                opt.zero_grad(set_to_none=True)
-                bl = 0.0
-                for ms in range(0, len(idx), cfg.micro):
-                    midx = idx[ms:ms + cfg.micro]
-                    x, y = train_b.get(midx)
-                    loss = self._step_loss(model, x, y, order, first, trainable, teacher, kdc, cfg)
-                    (loss * (len(midx) / len(idx))).backward()
-                    bl += float(loss.detach()) * len(midx)
-                opt.step()
-                if slowdown > 1.0:
-                    time.sleep((slowdown - 1.0) * (time.monotonic() - t_step))
-                steps += 1
-                samples += len(idx)
-                ep_loss += bl
-                ep_count += len(idx)
-                if on_event is not None and time.monotonic() - last_event > 2.0:
-                    on_event("step", {"epoch": epoch, "step": steps, "loss": bl / len(idx)})
-                    last_event = time.monotonic()
-                if cfg.max_steps and steps >= cfg.max_steps:
-                    stopped = "max_steps"
+            gen = torch.Generator()
+            gen.manual_seed(_rng_seed(lo.spec.seed, sorted(state.items()), list(window), spec.to_dict()))
+            t_train0 = time.monotonic()
+            samples = steps = 0
+            stopped = None
+            last_event = time.monotonic()
+            n = len(train_b)
+            if n == 0:
+                raise EngineError("bad_data", f"no training samples for {spec.data_flag} shard "
+                                              f"{spec.shard_index}/{spec.shard_count}")
+            for epoch in range(cfg.epochs):
+                perm = torch.randperm(n, generator=gen)
+                ep_loss, ep_count = 0.0, 0
+                for s in range(0, n, cfg.batch):
+                    t_step = time.monotonic()
+                    idx = perm[s:s + cfg.batch]
+                    if model.task == "classification" and len(idx) < 2 and n >= 2:
+                        continue                                # BatchNorm cannot train on one sample
+                    opt.zero_grad(set_to_none=True)
+                    bl = 0.0
+                    for ms in range(0, len(idx), cfg.micro):
+                        midx = idx[ms:ms + cfg.micro]
+                        x, y = train_b.get(midx)
+                        loss = self._step_loss(model, x, y, order, first, trainable, teacher, kdc, cfg)
+                        (loss * (len(midx) / len(idx))).backward()
+                        bl += float(loss.detach()) * len(midx)
+                    opt.step()
+                    if slowdown > 1.0:
+                        time.sleep((slowdown - 1.0) * (time.monotonic() - t_step))
+                    steps += 1
+                    samples += len(idx)
+                    ep_loss += bl
+                    ep_count += len(idx)
+                    if on_event is not None and time.monotonic() - last_event > 2.0:
+                        on_event("step", {"epoch": epoch, "step": steps, "loss": bl / len(idx)})
+                        last_event = time.monotonic()
+                    if cfg.max_steps and steps >= cfg.max_steps:
+                        stopped = "max_steps"
+                        break
+                    if max_time_s is not None and time.monotonic() - t_start > max_time_s:
+                        stopped = "max_time_s"
+                        break
+                if on_event is not None:
+                    on_event("epoch", {"epoch": epoch, "loss": ep_loss / max(ep_count, 1)})
+                if stopped:
                     break
-                if max_time_s is not None and time.monotonic() - t_start > max_time_s:
-                    stopped = "max_time_s"
-                    break
-            if on_event is not None:
-                on_event("epoch", {"epoch": epoch, "loss": ep_loss / max(ep_count, 1)})
-            if stopped:
-                break
-        t_train = time.monotonic() - t_train0
-        del opt, teacher
-        after = self._eval(model, val_b, eval_batch) if evaluate else skipped
+            t_train = time.monotonic() - t_train0
+            for p in params:
+                p.grad = None                                  # grads are not kept between hops
+            del opt, teacher
+            after = self._eval(model, val_b, eval_batch) if evaluate else skipped
 
-        new_state = dict(state)
-        changed = []
-        for name in sorted(trainable):
-            tensors = model.layer_state(name)
-            arrays = {k: v.contiguous().numpy() for k, v in tensors.items()}
-            blob = bundle.encode_blob(arrays)
-            try:
-                bundle.check_finite(blob, bundle.parse_header(blob, layer=name), name)
-            except bundle.NonFinite as e:
-                self.loaded = None                          # the in-memory model is poisoned; rebuild next time
-                raise EngineError("diverged", f"training diverged ({e}); lower train.lr") from None
-            h = self.store.put_bytes(blob)
-            if h != state[name]:
-                changed.append(name)
-            new_state[name] = h
-            lo.state[name] = h
-        for name in order:
-            model.get_layer(name).eval()
-        trim_malloc()
-        return {"state": new_state, "changed": changed, "metrics_before": before, "metrics_after": after,
-                "samples": samples, "samples_per_s": samples / t_train if t_train > 0 else 0.0,
-                "peak_rss_mb": peak_rss_mb(), "kd": {"on": bool(teacher_on(kd_on, kdc)), "js": js},
-                "t_train_s": t_train, "steps": steps, "stopped": stopped}
+            new_state = dict(state)
+            changed = []
+            for name in sorted(trainable):
+                tensors = model.layer_state(name)
+                arrays = {k: v.contiguous().numpy() for k, v in tensors.items()}
+                blob = bundle.encode_blob(arrays)
+                try:
+                    bundle.check_finite(blob, bundle.parse_header(blob, layer=name), name)
+                except bundle.NonFinite as e:
+                    self.loaded = None                          # the in-memory model is poisoned; rebuild next time
+                    raise EngineError("diverged", f"training diverged ({e}); lower train.lr") from None
+                h = self.store.put_bytes(blob)
+                if h != state[name]:
+                    changed.append(name)
+                new_state[name] = h
+                lo.state[name] = h
+            for name in order:
+                model.get_layer(name).eval()
+            trim_malloc()
+            return {"state": new_state, "changed": changed, "metrics_before": before, "metrics_after": after,
+                    "samples": samples, "samples_per_s": samples / t_train if t_train > 0 else 0.0,
+                    "peak_rss_mb": peak_rss_mb(), "kd": {"on": bool(teacher_on(kd_on, kdc)), "js": js},
+                    "t_train_s": t_train, "steps": steps, "stopped": stopped}
+        except BaseException:
+            # the trainable layers may have moved in memory: never reuse them under their old hashes
+            for name in trainable:
+                lo.state.pop(name, None)
+                lo.mode.pop(name, None)
+            raise
 
     @staticmethod
     def _optimizer(cfg: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -533,9 +542,11 @@ def build_teacher(model: M.LayeredModel, trainable: set[str], frozen_dtype: str)
 
 
 def lm_chunk_tokens(model: M.LayeredModel) -> int:
-    """Tokens per loss chunk: ~1M logits (4 MB fp32) whatever the vocabulary."""
+    """Tokens per loss chunk: ~2M logits (8 MB fp32) whatever the vocabulary (env SNAKENODE_LOSS_CHUNK).
+
+    Smaller chunks save memory but dequantise a frozen tied head once more per chunk."""
     vocab = int(getattr(model, "vocab_size", 0) or 256)
-    return max(8, min(1024, (1024 * 1024) // vocab))
+    return max(8, min(1024, int(os.environ.get("SNAKENODE_LOSS_CHUNK", 2 * 1024 * 1024)) // vocab))
 
 
 def teacher_on(kd_on: bool, kdc: K.KDConfig) -> bool:
