@@ -216,19 +216,21 @@ async def test_receiver_refusal_reaches_the_sender(tmp_path: Path) -> None:
         srv = await _server(nursery, scounters)
         cert = lane.LaneCert.generate()
         offer = srv.expect(PEER, cert.der, rx.handle)
-        # A manifest whose hashes lie about the bytes: the per-layer sha256 catches it, the sender is told.
-        lying = [transfer.SendItem(bundle_mod.LayerEntry(e.name, o.hash, e.size, e.tensors))
-                 for e, o in zip(model.entries, other.entries, strict=True)]
+        # A manifest whose first hash lies about the bytes: the per-layer sha256 catches it, the sender is
+        # told. The honest second layer streamed in while the first was verified.
+        first, second = model.entries
+        lying = [transfer.SendItem(bundle_mod.LayerEntry(first.name, other.entries[0].hash, first.size,
+                                                         first.tensors)), transfer.SendItem(second)]
         bad = bundle_mod.LayerBundle(model.manifest.job, {}, [it.entry for it in lying])
         with pytest.raises(transfer.TransferError) as ei:
             await lane.send_over_lane(["127.0.0.1"], offer, cert, bad, _Relabel(model, other), lying,
                                       counters=counters)
         assert ei.value.kind == "hash_mismatch"
         assert scounters.get("reject.lane.hash_mismatch") == 1
-        # Nothing unverified entered the store; the failed layer's partial is gone (the next layer's may
-        # remain: it streamed in while the failed one was verified, and is checked again if resumed).
-        assert not any(rx.store.blobs.iterdir())
-        assert rx.store.partial_offset(lying[0].entry.hash) == 0
+        # Nothing unverified entered the store, and nothing is left complete but unverified: the lying
+        # layer's partial is gone; the honest one, already complete, was verified and kept.
+        assert rx.store.hashes() == [second.hash]
+        assert not any(rx.store.partial.iterdir())
         nursery.cancel_scope.cancel()
 
 
@@ -237,7 +239,7 @@ class _Relabel(LayerStore):
 
     def __init__(self, model: Model, other: Model) -> None:
         super().__init__(model.store.root)
-        self._map = {o.hash: m.hash for m, o in zip(model.entries, other.entries, strict=True)}
+        self._map = {other.entries[0].hash: model.entries[0].hash}
 
     def path(self, h: str) -> Path:
         return super().path(self._map.get(h, h))

@@ -315,6 +315,18 @@ def _verify_and_commit(store: LayerStore, part: PartialBlob, entry: bundle_mod.L
         raise transfer.TransferError(str(exc), "hash_mismatch") from None
 
 
+def _settle(store: LayerStore, part: PartialBlob, entry: bundle_mod.LayerEntry, sch: bundle_mod.LayerEntry) -> None:
+    """A layer we stop at: keep its bytes for a resume, but never leave it complete and uncommitted (the
+    sender plans a complete partial from offset 0 while the store would resume it at its size)."""
+    if part.offset < entry.size:
+        part.close()
+        return
+    try:
+        _verify_and_commit(store, part, entry, sch)  # a bad one is discarded; it is sent again next time
+    except transfer.TransferError as exc:
+        log.warning("lane_layer_rejected", layer=entry.name, kind=exc.kind, error=str(exc)[:200])
+
+
 class _Verifier:
     """Verifies and commits a finished layer in a second thread while the next one streams in.
 
@@ -409,7 +421,7 @@ def _recv_layers_blocking(conn: _Conn, incoming: transfer.Incoming, schema: Mapp
                 handed = True
             finally:
                 if not handed:
-                    part.close()
+                    _settle(store, part, entry, sch)
         verifier.wait()
     finally:
         verifier.drain()
