@@ -181,3 +181,23 @@ def test_teacher_adds_only_window_params() -> None:
     t8 = E.build_teacher(m, trainable, "int8")
     b8 = sum(t.numel() * t.element_size() for mod in t8.values() for t in mod.buffers())
     assert b8 < window_bytes / 3                   # int8 copy: a quarter plus scales and biases
+
+
+@pytest.mark.parametrize("mode", ["fp32", "int8"])
+@pytest.mark.parametrize("kd", [False, True])
+def test_fused_vocab_loss_equals_chunked(mode: str, kd: bool) -> None:
+    """The vocabulary-sliced loss (frozen projection) gives the token-chunked loss and its gradient."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(3000, 24, generator=g)
+    emb = M.FrozenEmbedding(w, mode)
+    emb_t = M.FrozenEmbedding(w + 0.1 * torch.randn(3000, 24, generator=g), mode)
+    f = torch.randn(2, 50, 24, generator=g, requires_grad=True)
+    tf = torch.randn(2, 50, 24, generator=g) if kd else None
+    y = torch.randint(0, 3000, (2, 50), generator=g)
+    alpha = 0.4 if kd else 0.0
+    a = K.chunked_lm_loss(f, y, emb.as_linear, tf, emb_t.as_linear if kd else None, alpha, 2.0, chunk_tokens=7)
+    b = K.fused_lm_loss(f, y, emb, tf, emb_t if kd else None, alpha, 2.0, max_logits=5000)
+    assert b.item() == pytest.approx(a.item(), rel=1e-6)
+    (ga,) = torch.autograd.grad(a, f)
+    (gb,) = torch.autograd.grad(b, f)
+    assert torch.allclose(ga, gb, atol=1e-6)

@@ -357,7 +357,7 @@ class Engine:
                 for name in model.all_layer_names():
                     h = model.run(name, h)
                 if b.task == "lm":
-                    loss = K.chunked_lm_loss(h, y, model.project, chunk_tokens=lm_chunk_tokens(model))
+                    loss = lm_loss(model, h, y, None, {}, 0.0, 1.0)
                     tot_loss += float(loss) * y.numel()
                     count += y.numel()
                 else:
@@ -574,16 +574,27 @@ def window_loss(model: M.LayeredModel, x: torch.Tensor, y: torch.Tensor, order: 
             for name in order[first:]:
                 ht = model.run(name, ht, teacher.get(name))
     if model.task == "lm":
-        if chunk_tokens <= 0:
-            chunk_tokens = lm_chunk_tokens(model)
-        t_proj = None
-        if teacher:
-            def t_proj(f: torch.Tensor) -> torch.Tensor:
-                return model.project(f, teacher.get("stem"), teacher.get("head"))
-        return K.chunked_lm_loss(hs, y, model.project, ht, t_proj, kdc.alpha if teacher else 0.0, kdc.T,
-                                 chunk_tokens)
+        return lm_loss(model, hs, y, ht, teacher, kdc.alpha if teacher else 0.0, kdc.T, chunk_tokens)
     t_logits = None if ht is None else model.project(ht, teacher.get("stem"), teacher.get("head"))
     return K.kd_loss(model.project(hs), t_logits, y, kdc.alpha if teacher else 0.0, kdc.T)
+
+
+def lm_loss(model: M.LayeredModel, hs: torch.Tensor, y: torch.Tensor, ht: torch.Tensor | None,
+            teacher: dict[str, nn.Module], alpha: float, T: float, chunk_tokens: int = 0) -> torch.Tensor:
+    """LM loss from head features: the fused vocabulary-sliced loss when the output projection is frozen
+    (the usual LLM hop), else token chunks under checkpointing."""
+    proj = getattr(model, "frozen_projection", None)
+    ws = proj() if proj is not None else None
+    wt = proj(teacher.get("stem"), teacher.get("head")) if proj is not None and ht is not None else None
+    if ws is not None and (ht is None or wt is not None):
+        return K.fused_lm_loss(hs, y, ws, ht, wt, alpha, T)
+    if chunk_tokens <= 0:
+        chunk_tokens = lm_chunk_tokens(model)
+    t_proj = None
+    if teacher:
+        def t_proj(f: torch.Tensor) -> torch.Tensor:
+            return model.project(f, teacher.get("stem"), teacher.get("head"))
+    return K.chunked_lm_loss(hs, y, model.project, ht, t_proj, alpha, T, chunk_tokens)
 
 
 def default_store(home: str | os.PathLike[str]) -> LayerStore:

@@ -122,3 +122,104 @@ def chunked_lm_loss(feats: torch.Tensor, targets: torch.Tensor,
             part = piece(h[s:e], y[s:e], tc)
         total = total + part
     return total / n
+
+
+class _FusedVocabLoss(torch.autograd.Function):
+    """Mean per-token (1-a)*CE + a*T^2*KL(teacher||student) with the vocabulary walked in slices.
+
+    For a frozen output projection (the usual LM hop: embeddings and tied head frozen): each weight slice
+    is dequantised once in the forward pass and once in the backward pass (instead of once per token
+    chunk per pass), logits exist one slice at a time, and softmax normalisers are accumulated online.
+    Only the features get a gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, th: torch.Tensor | None, y: torch.Tensor, ws: Any, wt: Any,
+                alpha: float, T: float, vchunk: int) -> torch.Tensor:  # type: ignore[override]
+        n = h.shape[0]
+        vocab = ws.qweight.shape[0]
+        kd = th is not None and alpha > 0
+        neg = torch.full((n,), -torch.inf, dtype=torch.float32)
+        m1, l1 = neg.clone(), torch.zeros(n)            # CE normaliser of s
+        mT, lT = neg.clone(), torch.zeros(n)            # normaliser of s/T
+        mt, lt = neg.clone(), torch.zeros(n)            # normaliser of t/T
+        a_tt, a_ts = torch.zeros(n), torch.zeros(n)     # sum exp(t/T - mt) * t/T, and * s/T
+        tgt = torch.zeros(n)
+        hf = h.float()
+        thf = th.float() if kd else None
+        for v0 in range(0, vocab, vchunk):
+            v1 = min(vocab, v0 + vchunk)
+            t = None
+            if kd:
+                t = thf @ wt.rows(v0, v1).T / T         # teacher first: its rows() may reuse the scratch
+            s = hf @ ws.rows(v0, v1).T
+            inr = (y >= v0) & (y < v1)
+            if inr.any():
+                idx = inr.nonzero().squeeze(1)
+                tgt[idx] = s[idx, y[idx] - v0]
+            m1, l1 = _online(m1, l1, s)
+            if kd:
+                sT = s / T
+                mT, lT = _online(mT, lT, sT)
+                new_mt = torch.maximum(mt, t.amax(1))
+                scale = torch.exp(mt - new_mt)
+                e = torch.exp(t - new_mt[:, None])
+                lt = lt * scale + e.sum(1)
+                a_tt = a_tt * scale + (e * t).sum(1)
+                a_ts = a_ts * scale + (e * sT).sum(1)
+                mt = new_mt
+        lse = m1 + torch.log(l1)
+        ce = (lse - tgt).sum()
+        total = (1 - alpha) * ce if kd else ce
+        lse_sT = lse_tT = None
+        if kd:
+            lse_sT, lse_tT = mT + torch.log(lT), mt + torch.log(lt)
+            # KL(p_t || p_s) = E_t[t/T] - lse_t - E_t[s/T] + lse_s per row
+            kl = (a_tt / lt - lse_tT - a_ts / lt + lse_sT).sum()
+            total = total + alpha * T * T * kl
+        ctx.save_for_backward(h, th if kd else None, y, lse, lse_sT if kd else None, lse_tT if kd else None)
+        ctx.ws, ctx.wt, ctx.alpha, ctx.T, ctx.vchunk, ctx.kd = ws, wt, alpha, T, vchunk, kd
+        return (total / n).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
+        h, th, y, lse, lse_sT, lse_tT = ctx.saved_tensors
+        ws, wt, alpha, T, vchunk, kd = ctx.ws, ctx.wt, ctx.alpha, ctx.T, ctx.vchunk, ctx.kd
+        n = h.shape[0]
+        vocab = ws.qweight.shape[0]
+        hf = h.float()
+        grad = torch.zeros_like(hf)
+        coef = float(g) / n
+        a_ce = (1 - alpha) if kd else 1.0
+        for v0 in range(0, vocab, vchunk):
+            v1 = min(vocab, v0 + vchunk)
+            pt = None
+            if kd:
+                pt = torch.exp(th.float() @ wt.rows(v0, v1).T / T - lse_tT[:, None])
+            w = ws.rows(v0, v1)
+            s = hf @ w.T
+            gs = torch.exp(s - lse[:, None]).mul_(a_ce)
+            inr = (y >= v0) & (y < v1)
+            if inr.any():
+                idx = inr.nonzero().squeeze(1)
+                gs[idx, y[idx] - v0] -= a_ce
+            if kd:
+                gs += alpha * T * (torch.exp(s / T - lse_sT[:, None]) - pt)
+            grad.addmm_(gs, w, alpha=coef)
+        return grad.to(h.dtype), None, None, None, None, None, None, None
+
+
+def _online(m: torch.Tensor, l: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: E741
+    new_m = torch.maximum(m, x.amax(1))
+    return new_m, l * torch.exp(m - new_m) + torch.exp(x - new_m[:, None]).sum(1)
+
+
+def fused_lm_loss(feats: torch.Tensor, targets: torch.Tensor, weight: Any, teacher_feats: torch.Tensor | None = None,
+                  teacher_weight: Any = None, alpha: float = 0.0, T: float = 1.0,
+                  max_logits: int = 1 << 20) -> torch.Tensor:
+    """`chunked_lm_loss` for a frozen output projection (`weight.rows(v0, v1)`, no bias): same value and
+    feature gradient, far fewer weight dequantisations, O(tokens x slice) memory."""
+    h = feats.reshape(-1, feats.shape[-1])
+    th = None if teacher_feats is None else teacher_feats.reshape(-1, teacher_feats.shape[-1]).detach()
+    n, hidden = h.shape
+    vchunk = max(64, min(max_logits // max(1, n), (1 << 20) // max(1, hidden)))
+    return _FusedVocabLoss.apply(h, th, targets.reshape(-1), weight, teacher_weight or weight, alpha, T, vchunk)

@@ -591,6 +591,14 @@ class CausalLM(LayeredModel):
             return embed_as_linear((stem or self.stem).embed_tokens, feats)
         return (head or self.head).lm_head(feats)
 
+    def frozen_projection(self, stem: nn.Module | None = None, head: nn.Module | None = None
+                          ) -> _FrozenWeight | None:
+        """The output projection when it is frozen and bias-free (the fused vocabulary loss can use it)."""
+        mod = (stem or self.stem).embed_tokens if self.tied else getattr(head or self.head, "lm_head", None)
+        if isinstance(mod, FrozenEmbedding) or (isinstance(mod, FrozenLinear) and mod.bias is None):
+            return mod
+        return None
+
     def pretrained_files(self) -> list[Path]:
         if self.src.path is None:
             return []
