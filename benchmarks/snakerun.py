@@ -39,10 +39,15 @@ class SnakeNet:
     homes: dict[str, Path] = field(default_factory=dict)
     ids: dict[str, str] = field(default_factory=dict)
     boot: str = "boot"
+    coordinator: str | None = None                    # CS mode: the host of the coordinator peer
 
     @property
     def submitter(self) -> str:
-        return self.nodes[0]
+        return self.coordinator or self.nodes[0]
+
+    @property
+    def daemons(self) -> list[str]:
+        return ([self.coordinator] if self.coordinator else []) + self.nodes
 
     def start(self, data: str, partition: str, seed: int = 0, extra: list[str] | None = None,
               ready_timeout: float = 120.0) -> None:
@@ -51,7 +56,7 @@ class SnakeNet:
         c = self.cluster
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env.pop("SNAKENODE_HOME", None)
-        for h in [self.boot, *self.nodes]:
+        for h in [self.boot, *self.daemons]:
             self.homes[h] = c.root / h
             self.homes[h].mkdir(parents=True, exist_ok=True)
         boot = c.start(self.boot, self.boot, [PY, "-m", "bootstrap", "--home", str(self.homes[self.boot]),
@@ -62,8 +67,16 @@ class SnakeNet:
         if not addrs:
             raise BenchError(f"the bootstrap peer does not advertise its namespace address {ip}: {info['addrs']}")
         boot_addr = addrs[0]
-        for h in self.nodes:
+        for h in self.daemons:
             self.ids[h] = identity.load_or_create(self.homes[h]).peer_id
+        coord_args: list[str] = []
+        if self.coordinator:
+            h = self.coordinator
+            c.start(h, h, [PY, "-m", "snakenode.cli", "start", "--home", str(self.homes[h]), "--role", "coordinator",
+                           "--listen", f"/ip4/0.0.0.0/tcp/{PORT}", "--network", self.network, "--bootstrap",
+                           boot_addr], env)
+            cinfo = self._wait_node_json(h, c.procs[h].popen.pid, ready_timeout)
+            coord_args = ["--coordinator", next(a for a in cinfo["addrs"] if f"/ip4/{c.ip(h)}/" in a)]
         n = len(self.nodes)
         for i, h in enumerate(self.nodes):
             argv = [PY, "-m", "snakenode.cli", "start", "--home", str(self.homes[h]), "--listen",
@@ -71,7 +84,7 @@ class SnakeNet:
                     "--data", data, "--partition", partition, "--shard", f"{i}/{n}", "--seed", str(seed)]
             if h != self.submitter:
                 argv += ["--trust", self.ids[self.submitter]]
-            c.start(h, h, argv + list(extra or []), env)
+            c.start(h, h, argv + coord_args + list(extra or []), env)
         for h in self.nodes:
             self._wait_node_json(h, c.procs[h].popen.pid, ready_timeout)
 
@@ -87,12 +100,12 @@ class SnakeNet:
         return wait_for(ready, timeout, f"{h} to write node.json", self.cluster.logs)
 
     def pids(self) -> dict[str, int]:
-        return {h: self.cluster.procs[h].popen.pid for h in [self.boot, *self.nodes] if h in self.cluster.procs}
+        return {h: self.cluster.procs[h].popen.pid for h in [self.boot, *self.daemons] if h in self.cluster.procs}
 
     def knows_everyone(self, need_compute: bool = False) -> bool:
         """Every node has every other node's profile (and, if asked, its measured compute score)."""
         everyone = set(self.ids.values())
-        for h in self.nodes:
+        for h in self.daemons:
             rows = control.call(self.homes[h], "peers", timeout=5)
             seen = {r["peer_id"] for r in rows if r.get("profile")
                     and (not need_compute or (r["profile"].get("compute") or {}).get("samples_per_s"))}
@@ -116,6 +129,8 @@ class SnakeNet:
         return control.call(self.homes[h], "status", timeout=5)
 
     def submit(self, spec: dict[str, Any]) -> str:
+        if self.coordinator:
+            spec = job_mod.with_mode(spec, "cs", self.ids[self.coordinator])
         signed = job_mod.sign_job(spec, identity.load(self.homes[self.submitter]))
         res = control.call(self.homes[self.submitter], "submit", {"job": signed.encode()}, timeout=10)
         return str(res["job_id"])
@@ -127,7 +142,7 @@ class SnakeNet:
         """Every node's own hop log (HOME/jobs/<job>/hoplog.jsonl), merged. Unlike the submitter's merged
         view, this does not depend on the best-effort progress gossip having delivered every record."""
         logs = []
-        for h in self.nodes:
+        for h in self.daemons:
             path = self.homes[h] / "jobs" / job_id / "hoplog.jsonl"
             if path.exists():
                 logs.append(hoplog.read_log(path))
@@ -159,7 +174,7 @@ class HopArchive:
     def poll(self) -> None:
         if self.job_id is None:
             return
-        for h in self.net.nodes:
+        for h in self.net.daemons:
             home = self.net.homes[h]
             cp = home / "jobs" / self.job_id / "checkpoint.json"
             try:

@@ -42,9 +42,8 @@ from snakenode.snake import job as job_mod
 
 TARGET = 0.85
 SETTLE_S = 3.0           # after the last node is known, before idle counting: the join burst is not idle
-SYSTEMS = ("snake-p2p", "flower-fedavg")
+SYSTEMS = ("snake-p2p", "snake-cs", "flower-fedavg")
 NOT_RUN = {
-    "snake-cs": "not run: snakenode's CS mode (coordinator peer) does not exist yet",
     "flower-cyclic": "not run: optional, and Flower 1.41 ships a cyclic strategy only for XGBoost "
                      "(FedXgbCyclic), not for PyTorch models",
 }
@@ -154,20 +153,24 @@ def summarize(curve: list[dict[str, Any]], s0: benchlab.Sample, s_end: benchlab.
 # ---------------------------------------------------------------------------------------------- systems
 
 
-def run_snake(task: Task, out: Path, idle_s: float, timeout: float) -> dict[str, Any]:
+def run_snake(task: Task, out: Path, idle_s: float, timeout: float, cs: bool = False) -> dict[str, Any]:
+    """snake-p2p, or with `cs` snake-cs: the same nodes plus a coordinator peer on a host of its own that
+    plans every hop and relays every bundle (the job is submitted on the coordinator)."""
     from snakeflower import task as ft
 
-    root = out / f"snake-p2p-{task.name}"
+    name = "snake-cs" if cs else "snake-p2p"
+    root = out / f"{name}-{task.name}"
     shutil.rmtree(root, ignore_errors=True)
     nodes = [f"n{i}" for i in range(task.hosts)]
-    hosts = ["boot", *nodes]
+    hosts = ["boot", *(["coord"] if cs else []), *nodes]
     spec = snake_spec(task)
     with benchlab.cluster(root, hosts) as c:
-        net = snakerun.SnakeNet(c, f"vsf{os.getpid() % 100000}", nodes)
-        log(f"snake: starting a bootstrap peer and {len(nodes)} nodes in namespaces ({root})")
+        net = snakerun.SnakeNet(c, f"vsf{os.getpid() % 100000}", nodes, coordinator="coord" if cs else None)
+        log(f"{name}: starting a bootstrap peer{', a coordinator' if cs else ''} and {len(nodes)} nodes "
+            f"in namespaces ({root})")
         net.start(task.dataset, task.partition, task.data_seed)
         conv = net.wait_converged(180, need_compute=True)
-        log(f"snake: every node knows every other node's profile ({conv:.1f} s); idle for {idle_s:g} s")
+        log(f"{name}: every node knows every other node's profile ({conv:.1f} s); idle for {idle_s:g} s")
         idle = idle_rate(c, hosts, len(nodes), idle_s)
         idle_rss = {h: round(benchlab.tree_rss_mb(p), 1) for h, p in net.pids().items()}
         archive = snakerun.HopArchive(net, root / "archive")
@@ -176,7 +179,7 @@ def run_snake(task: Task, out: Path, idle_s: float, timeout: float) -> dict[str,
             s0 = sampler.take()
             job_id = net.submit(spec)
             archive.job_id = job_id
-            log(f"snake: submitted job {job_id} ({task.budget} laps)")
+            log(f"{name}: submitted job {job_id} ({task.budget} laps)")
             detail = net.wait_complete(job_id, timeout)
             s_end = sampler.take()
             app1 = app_bytes(net)
@@ -186,7 +189,7 @@ def run_snake(task: Task, out: Path, idle_s: float, timeout: float) -> dict[str,
         (root / "records.json").write_text(json.dumps(records, indent=1, default=str))
     done = next(r for r in records if r["event"] == "job_complete")
     hops = snakerun.trained_hops(records)
-    log(f"snake: job complete after {len(hops)} hops; evaluating every hop's model on the test split")
+    log(f"{name}: job complete after {len(hops)} hops; evaluating every hop's model on the test split")
     curve = [_initial_point(ft, task)]
     for p in snakerun.evaluate_hops(spec, archive, hops, task.dataset):
         curve.append({"t": round(p["t"] - s0.t, 3), "bytes": traffic(s0, sampler.at(p["t"]))["total"],
@@ -215,7 +218,7 @@ def run_snake(task: Task, out: Path, idle_s: float, timeout: float) -> dict[str,
 def app_bytes(net: snakerun.SnakeNet) -> dict[str, int]:
     """The product's own byte counters (payload by subsystem, `status --json`), summed over the nodes."""
     total: dict[str, int] = {}
-    for h in net.nodes:
+    for h in net.daemons:
         for k, v in (net.status(h).get("counters") or {}).items():
             if k.startswith("bytes."):
                 total[k] = total.get(k, 0) + int(v)
@@ -264,9 +267,9 @@ def run_flower(task: Task, out: Path, bin_dir: Path, idle_s: float, timeout: flo
 # ---------------------------------------------------------------------------------------------- report
 
 
-def compare(systems: dict[str, dict[str, Any]]) -> dict[str, Any]:
+def compare(systems: dict[str, dict[str, Any]], snake: str = "snake-p2p") -> dict[str, Any]:
     """The issue's targets: snake bytes to target <= 1/3 of FedAvg's, wall time to target <= 1/5."""
-    s, f = systems.get("snake-p2p"), systems.get("flower-fedavg")
+    s, f = systems.get(snake), systems.get("flower-fedavg")
     if not s or not f:
         return {}
     out: dict[str, Any] = {}
@@ -311,8 +314,8 @@ def run_task(task: Task, systems: list[str], out: Path, bin_dir: Path | None, id
              timeout: float) -> dict[str, Any]:
     res: dict[str, Any] = {"task": asdict(task), "target_accuracy": task.target, "systems": {}}
     for name in systems:
-        if name == "snake-p2p":
-            res["systems"][name] = run_snake(task, out, idle_s, timeout)
+        if name in ("snake-p2p", "snake-cs"):
+            res["systems"][name] = run_snake(task, out, idle_s, timeout, cs=name == "snake-cs")
         elif name == "flower-fedavg":
             assert bin_dir is not None
             res["systems"][name] = run_flower(task, out, bin_dir, idle_s, timeout)
@@ -320,6 +323,8 @@ def run_task(task: Task, systems: list[str], out: Path, bin_dir: Path | None, id
         log(f"{name}: final accuracy {r['final_accuracy']:.4f}, {r['bytes_total']:,} bytes, {r['wall_s']} s; "
             f"to target {task.target}: {r['wall_s_to_target']} s, {r['bytes_to_target']} bytes")
     res["comparison"] = compare(res["systems"])
+    if "snake-cs" in res["systems"]:
+        res["comparison_cs"] = compare(res["systems"], "snake-cs")
     return res
 
 
