@@ -16,8 +16,9 @@ checks that every layer arrived; each side reports `time.process_time()` (all th
 
 Reported per PATH@SIZE: throughput in MB/s (10^6 bytes of bundle payload per second of the sender's wall
 time, from opening the stream or connection to the receiver's ack; median of the repetitions) and CPU
-seconds per 100 MB on each side. `--json` writes {"throughput_mb_s": {"PATH@SIZE": x},
-"cpu_s_per_100mb": {"sender": {...}, "receiver": {...}}, "lane_vs_tcp": {...}, "target": {...}, ...}.
+seconds per 100 MB on each side, with the machine's load before and after (`contention`). `--json`
+writes {"throughput_mb_s": {"PATH@SIZE": x}, "cpu_s_per_100mb": {"sender": {...}, "receiver": {...}},
+"lane_vs_tcp": {...}, "target": {...}, "contention": {...}, "runs": [...], ...}.
 
     python benchmarks/transfer.py [--quick] [--json PATH] [--sizes 10,100,500] [--reps N] [--store DIR]
 Run it under the shared lock: flock /tmp/snakenode-heavy.lock python benchmarks/transfer.py ...
@@ -54,6 +55,18 @@ def log(msg: str) -> None:
 
 
 # ============================================================================================ bundles
+
+
+def contention() -> dict[str, Any]:
+    """Load average and CPU pressure (PSI, where the kernel has it): throughput on a shared 2-core machine
+    means little if other work competed for the cores, so every result carries this."""
+    out: dict[str, Any] = {"loadavg_1m": round(os.getloadavg()[0], 2)}
+    try:
+        some = Path("/proc/pressure/cpu").read_text().splitlines()[0].split()
+        out["cpu_pressure_some_avg10"] = float(some[1].split("=")[1])
+    except (OSError, IndexError, ValueError):
+        pass
+    return out
 
 
 def make_bundle(src: Path, size_mb: int) -> list[dict[str, Any]]:
@@ -289,10 +302,10 @@ def table(doc: dict[str, Any], sizes: list[int]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="10 and 100 MB, one repetition")
+    ap.add_argument("--quick", action="store_true", help="10 and 100 MB only")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--sizes", default=None, help="comma-separated MB (default 10,100,500; quick 10,100)")
-    ap.add_argument("--reps", type=int, default=None, help="repetitions per PATH@SIZE (default 3; quick 1)")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions per PATH@SIZE (the median is reported)")
     ap.add_argument("--store", type=Path, default=benchlab.ROOT / "out" / "bench" / "transfer",
                     help="source bundles (kept between runs) and receiver stores (deleted after each run)")
     ap.add_argument("--role", choices=("send", "recv"), help=argparse.SUPPRESS)
@@ -308,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
         trio.run(fn, args.path, args.src, args.dst, args.size)
         return 0
     sizes = [int(s) for s in (args.sizes or ("10,100" if args.quick else "10,100,500")).split(",")]
-    reps = args.reps or (1 if args.quick else 3)
+    reps = args.reps
+    before = contention()
     src = args.store / "src"
     work = args.store / "runs"
     work.mkdir(parents=True, exist_ok=True)
@@ -330,9 +344,13 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "transfer", "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": benchlab.machine(), "quick": args.quick, "sizes": [f"{s}MB" for s in sizes], "reps": reps,
         "layers": {f"{s}MB": LAYERS.get(s, max(1, s // 32)) for s in sizes}, "store": str(args.store),
+        "contention": {"before": before, "after": contention()},
         **summarize(rows, sizes), "runs": rows,
     }
     print(table(doc, sizes))
+    if before["loadavg_1m"] > 1.0:
+        print(f"warning: load average {before['loadavg_1m']} before the run: other work shared the cores, "
+              "throughput may be low (CPU seconds per 100 MB are less affected)")
     t = doc["target"]["lane_at_least_0.7x_tcp_for_100MB_and_more"]
     verdict = {True: "met", False: "NOT met", None: "not measured (no size >= 100 MB)"}[t["met"]]
     print(f"lane/tcp: {doc['lane_vs_tcp']}  target lane >= {TARGET_RATIO}x tcp for >= 100 MB: {verdict}")
