@@ -138,6 +138,12 @@ class Runner:
         except (WaitTimeout, RuntimeError, OSError) as exc:
             self.error = f"{type(exc).__name__}: {exc}"
             code = EXIT_ERROR
+        except Exception as exc:  # noqa: BLE001 - a runner bug still gets a report and a clean teardown
+            import traceback
+
+            self.error = f"runner error {type(exc).__name__}: {exc}"
+            self.notes.append(traceback.format_exc()[-2000:])
+            code = EXIT_ERROR
         finally:
             records = self._collect()
             try:
@@ -342,8 +348,11 @@ class Runner:
         assert self.b is not None
         f = p.fault
         kind, target = p.kind, p.target
-        trig = f.trigger.describe() if (f.trigger and p.inverse_of is None) else (
-            f"{f.duration_s:g} s after {f.label}" if p.inverse_of is not None else "")
+        if p.inverse_of is None:
+            trig = f.trigger.describe() if f.trigger else ""
+        else:
+            delay = f.down_s if f.kind == "restart" else (f.duration_s or 0.0)
+            trig = f"{delay:g} s after {f.label} ({f.kind})"
         if early:
             trig += " (applied early: the job ended first)"
         if kind in HOST_FAULTS and not target:
