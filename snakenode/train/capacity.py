@@ -241,9 +241,9 @@ def _loss_time(model: M.LayeredModel, h_head: torch.Tensor, x: torch.Tensor, kd_
         if model.task == "lm":
             y = x[:, : f.shape[1]] if x.dim() == 2 else torch.zeros(f.shape[:2], dtype=torch.long)
             tf = f.detach() if kd_possible else None
-            loss = K.chunked_lm_loss(f, y.long() % max(1, getattr(model, "vocab_size", 1)), model.project, tf,
-                                     model.project if kd_possible else None, 0.5 if kd_possible else 0.0, 2.0,
-                                     E.lm_chunk_tokens(model))
+            teacher = {"head": model.get_layer("head")} if kd_possible else {}
+            loss = E.lm_loss(model, f, y.long() % max(1, getattr(model, "vocab_size", 1)), tf, teacher,
+                             0.5 if kd_possible else 0.0, 2.0)
         else:
             logits = model.project(f)
             loss = K.kd_loss(logits, logits.detach() if kd_possible else None,
