@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 
 from snakenode import config, faults, profile, wire
 from snakenode.identity import Identity
-from snakenode.net import transfer
+from snakenode.net import lane, transfer
 from snakenode.snake import bundle, hoplog
 from snakenode.snake import state as state_mod
 from snakenode.snake.job import SIGN_DOMAIN, JobRejected, SignedJob, sign_job, validate_spec, verify_job
@@ -532,6 +532,29 @@ def test_transfer_decode_incoming(obj: Any) -> None:
         if ok:
             names = {e.name for e in inc.manifest.layers}
             assert all(it.entry.name in names and 0 <= it.offset <= it.entry.size for it in inc.send)
+
+
+# ---------------------------------------------------------------------------------------------- lane offers
+
+LANE_CERT = lane.LaneCert.generate()
+OFFER = lane.LaneOffer(4003, "lane-" + "ab" * 16, b"\x07" * 32, LANE_CERT.der).to_wire()
+
+
+@FEW
+@given(der=mutated_bytes(LANE_CERT.der) | st.binary(max_size=300) | values())
+def test_lane_check_cert(der: Any) -> None:
+    run_decoder(lane.check_cert, wire.WireError, der, "propose.lane.cert")
+    run_decoder(lane.decode_propose_field, wire.WireError, wire.Fields({"v": 1, "cert": der}, "propose.lane"))
+
+
+@FEW
+@given(obj=mutated(OFFER))
+def test_lane_offer_from_wire(obj: Any) -> None:
+    ok, f = run_decoder(wire.Fields, wire.WireError, obj, "accept.lane")
+    if ok:
+        ok, offer = run_decoder(lane.LaneOffer.from_wire, wire.WireError, f)
+        if ok:
+            assert 1 <= offer.port <= 65535 and len(offer.token) == 32
 
 
 # ---------------------------------------------------------------------------------------------- hop log
