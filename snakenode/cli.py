@@ -288,6 +288,12 @@ def watch(
         since = detail["total"]
         summary = detail["summary"]
         if summary["status"] == "complete" or not follow:
+            if not as_json:
+                # The other nodes' proposals, hand-offs and declines are not gossiped: pull them once.
+                full = _call(home, "job", {"job_id": job_id, "since": since, "collect": True}, timeout=10)
+                for rec in full["records"]:
+                    if rec["event"] not in ("received", "trained", "lap_complete", "job_complete"):
+                        print(_record_line(rec), flush=True)
             if not as_json and summary.get("completed"):
                 c = summary["completed"]
                 print(f"complete: {c['hop'] + 1} hops, {c['lap']} laps, final holder {_short(c['holder'])}, "

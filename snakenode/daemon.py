@@ -149,7 +149,11 @@ class Daemon:
         return self.snake.jobs_view()
 
     async def _op_job(self, args: Any) -> Any:
-        return self.snake.job_detail(args.str("job_id", 64), args.int("since", 0, 2**40, required=False))
+        job_id = self._job_id(args.str("job_id", 64))
+        if args.bool("collect", required=False) and job_id in self.snake.jobs:
+            with trio.move_on_after(3):
+                await self.snake.collect(self.snake.jobs[job_id])
+        return self.snake.job_detail(job_id, args.int("since", 0, 2**40, required=False))
 
     async def _op_fetch(self, args: Any) -> Any:
         out = args.str("out", 4096)

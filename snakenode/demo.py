@@ -146,6 +146,20 @@ class Network:
         c = control.call(self.coord_home, "status", timeout=2)["counters"]
         return sum(v for k, v in c.items() if k.startswith("bytes.") and (k.endswith(".out") or k.endswith(".in")))
 
+    def per_node_bytes(self) -> dict[str, int]:
+        """Bytes each peer sent plus received (all protocols), by name: node0.., bootstrap, coordinator."""
+        homes = {f"node{i}": h for i, h in enumerate(self.homes)} | {"bootstrap": self.boot_home}
+        if self.mode == "cs":
+            homes["coordinator"] = self.coord_home
+        out = {}
+        for name, home in homes.items():
+            try:
+                c = control.call(home, "status", timeout=2)["counters"]
+            except Exception:  # noqa: BLE001
+                continue
+            out[name] = sum(v for k, v in c.items() if k.startswith("bytes.") and k.endswith((".in", ".out")))
+        return out
+
     def sent_bytes(self) -> int:
         total = 0
         for home in [*self.homes, self.boot_home] + ([self.coord_home] if self.mode == "cs" else []):
@@ -225,6 +239,7 @@ def run_demo(nodes: int, laps: int | None, dataset: str, partition: str, mode: s
             signed = job_mod.sign_job(spec, submitter)
             bytes0 = net.sent_bytes()
             coord0 = net.coordinator_bytes()
+            per0 = net.per_node_bytes()
             t0 = time.monotonic()
             result = control.call(net.submit_home, "submit", {"job": signed.encode()}, timeout=10)
             job_id = result["job_id"]
@@ -242,9 +257,13 @@ def run_demo(nodes: int, laps: int | None, dataset: str, partition: str, mode: s
                     time.sleep(0.25)
             wall = time.monotonic() - t0
             bytes_total = net.sent_bytes() - bytes0
+            detail = control.call(net.submit_home, "job", {"job_id": job_id, "collect": True}, timeout=10)
             summary = summarize(detail, wall, bytes_total, mode)
             if mode == "cs":
                 summary["bytes_via_coordinator"] = net.coordinator_bytes() - coord0
+            per = {k: v - per0.get(k, 0) for k, v in net.per_node_bytes().items()}
+            summary["bytes_per_peer"] = per
+            summary["bytes_busiest_peer"] = max(per.items(), key=lambda kv: kv[1]) if per else None
             fetched = control.call(net.submit_home, "fetch", {"job_id": job_id,
                                                               "out": str(root / "model.safetensors")}, timeout=120)
             summary["model_path"] = fetched["path"]
@@ -300,6 +319,11 @@ def _print_summary(console: Any, summary: dict[str, Any], detail: dict[str, Any]
     t.add_row("KD", f"{summary['kd']['mode']}: on in {summary['kd']['hops_on']} of {summary['hops']} hops")
     t.add_row("bundle bytes", f"{summary['bytes_bundles']:,}")
     t.add_row("all bytes sent (bundles, gossip, pings)", f"{summary['bytes_total']:,}")
+    if summary.get("bytes_busiest_peer"):
+        name, n = summary["bytes_busiest_peer"]
+        t.add_row("busiest peer (in + out)", f"{name}: {n:,}")
+    if "bytes_via_coordinator" in summary:
+        t.add_row("bytes via the coordinator", f"{summary['bytes_via_coordinator']:,}")
     t.add_row("wall time", f"{summary['wall_s']:.1f} s")
     t.add_row("final model", summary.get("model_path", "-"))
     console.print(t)

@@ -88,7 +88,7 @@ class SnakeNet:
         return r.stdout.strip()
 
     def detail(self, job_id: str, node: str | None = None) -> dict[str, Any]:
-        return control(self.net.home(node or self.watcher()), "job", {"job_id": job_id}, timeout=5)
+        return control(self.net.home(node or self.watcher()), "job", {"job_id": job_id, "collect": True}, timeout=8)
 
     def watcher(self) -> str:
         """A live node to ask about jobs (the submitter unless it is down)."""

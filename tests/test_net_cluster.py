@@ -156,6 +156,8 @@ def test_drop_times_hold_while_observer_trains(cluster: Cluster) -> None:
     """The observer's own worker saturates the cores with torch; liveness must still keep its promises."""
     cluster.ensure_up()
     observer = cluster.nodes[0]
+    # A (re)started node measures its compute first, in the same worker: let that finish.
+    wait_for(lambda: not control(observer.home, "status")["worker"]["busy"], 60, "the observer's start-up benchmark")
     # `snakenode bench`: the compute benchmark, a torch workload, in the observer's own worker.
     burn = control(observer.home, "bench", {"seconds": 25.0}, timeout=5)
     assert burn["started"]

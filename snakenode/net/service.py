@@ -86,10 +86,13 @@ class NetService:
         self._profile_dirty.set()
 
     def set_state(self, kind: str, job: str | None = None, hop: int | None = None) -> None:
+        """The node's activity, shown in status and carried by the next profile refresh. It changes several
+        times per hop, so it does not trigger a publication of its own (measured: profile updates per hop
+        were a large share of the gossip bytes); a busy node says so in its Decline."""
         new = {"kind": kind, "job": job, "hop": hop}
         if new != self.state:
             self.state = new
-            self.profile_changed()
+            self._profile_cache = None
 
     async def _profile_loop(self) -> None:
         assert self.gossip is not None

@@ -54,6 +54,14 @@ RESUME_LISTEN_S = 4.0  # a restarted holder whose predecessor is unreachable lis
 STATE_TIMEOUT_S = 5.0
 COMPLETE_REPEATS_S = (0.0, 2.0, 6.0, 15.0)  # completion is re-announced: gossip is best effort
 HOLDING = ("received", "training", "trained", "handing_off")
+# Hop-log events every node needs (fencing, supersession, completion, the per-hop metric). The rest stay in
+# the writer's own log; `job` with collect=true pulls them from the peers for watch, jobs and the demo.
+GOSSIPED_EVENTS = ("received", "trained", "retry", "reassigned", "superseded", "resumed", "job_complete",
+                   "lap_complete")
+
+
+def _own_records(run: JobRun) -> list[dict[str, Any]]:
+    return hoplog.read_log(run.hoplog_path) if run.hoplog_path.exists() else []
 
 
 class Reservation:
@@ -195,7 +203,7 @@ class Snake:
     def _record(self, run: JobRun, event: str, state: JobState, **fields: Any) -> dict[str, Any]:
         rec = hoplog.from_state(event, state, node=self.me, t=time.time(), **fields)
         run.log(rec)
-        if self.nursery is not None:
+        if event in GOSSIPED_EVENTS and self.nursery is not None:
             self.nursery.start_soon(self._publish_progress, rec)
         return rec
 
@@ -274,9 +282,9 @@ class Snake:
 
     async def _reannounce(self, run: JobRun, raw: bytes) -> None:
         """Late joiners learn of the job: re-announce while it runs (gossip is best effort)."""
-        delays = [1.0, 2.0, 4.0, 8.0]
+        delays = [1.0, 2.0]  # late joiners also learn of the job from the peers' profiles (get_job)
         while run.completed is None:
-            await trio.sleep(delays.pop(0) if delays else 15.0)
+            await trio.sleep(delays.pop(0) if delays else 60.0)
             if run.completed is None and self.svc.gossip is not None:
                 await self.svc.gossip.publish("jobs", wire.packb({"t": "job", "job": raw}))
 
@@ -315,12 +323,16 @@ class Snake:
         return out
 
     def _candidates(self) -> list[routing.Candidate]:
+        """Every known peer for routing. Profile states are advisory (they are refreshed lazily to keep
+        gossip small), so candidates count as idle here; a busy one answers Decline(busy)."""
         now = time.monotonic()
-        out = [routing.Candidate(self.me, self.svc.profile(), True, 0.0, 0.0)]
+        idle = {"kind": "idle", "job": None, "hop": None}
+        out = [routing.Candidate(self.me, {**self.svc.profile(), "state": idle}, True, 0.0, 0.0)]
         for e in self.svc.table.entries.values():
             if e.profile is None or e.peer_id == self.me:
                 continue
-            out.append(routing.Candidate(e.peer_id, e.profile, e.live, max(0.0, now - e.last_seen), e.rtt_ms))
+            out.append(routing.Candidate(e.peer_id, {**e.profile, "state": idle}, e.live,
+                                         max(0.0, now - e.last_seen), e.rtt_ms))
         return out
 
     def _down_for(self, state: JobState) -> dict[str, float]:
@@ -1132,6 +1144,10 @@ class Snake:
                 await io.write_frame({"t": "unknown", "reason": "job unknown here"})
                 return
             await io.write_frame(await getattr(self, f"_on_{kind}")(run, ref, io.peer))
+        elif kind == "get_records":
+            run = self.jobs.get(f.str("job_id", 16, pattern=wire.JOB_ID_RE))
+            own = _own_records(run) if run is not None else []
+            await io.write_frame({"t": "records", "records": own[-20_000:]})
         elif kind == "get_job":
             run = self.jobs.get(f.str("job_id", 16, pattern=wire.JOB_ID_RE))
             if run is None:
@@ -1499,6 +1515,25 @@ class Snake:
             "completed": run.completed, "error": run.error or None, "records": len(recs),
             "bytes_total": bytes_total,
         }
+
+    async def collect(self, run: JobRun) -> None:
+        """Pull every live peer's own hop-log records of a job into seen.jsonl (watch, jobs, demo)."""
+        async def pull(pid: str) -> None:
+            try:
+                kind, f = await self._state_request(pid, {"t": "get_records", "job_id": run.job_id})
+            except Exception:  # noqa: BLE001 - a peer that cannot answer simply adds nothing
+                return
+            recs = f.raw("records", required=False, default=[]) if kind == "records" else []
+            if not isinstance(recs, list):
+                return
+            for rec in recs[:100_000]:
+                if not hoplog.validate_record(rec) and rec.get("node") == pid and rec.get("job_id") == run.job_id:
+                    run.log_seen(rec)
+
+        async with trio.open_nursery() as nursery:
+            for e in self.svc.table.live():
+                if e.role != "bootstrap":
+                    nursery.start_soon(pull, e.peer_id)
 
     def job_detail(self, job_id: str, since: int = 0) -> dict[str, Any]:
         run = self.jobs.get(job_id)
