@@ -1089,6 +1089,7 @@ class Snake:
                                                      ctx={"hop": state.hop, "job": run.job_id})
         except transfer.TransferError as exc:
             run.phase = "reserved"
+            self.svc.set_state("reserved", run.job_id, state.hop)  # routable again, not stuck "receiving"
             raise wire.WireError(str(exc), exc.kind) from None
         model = {e.name: e.hash for e in m.layers}
         missing = [n for n, h in model.items() if not self.store.has(h)]
@@ -1396,6 +1397,10 @@ class Snake:
         run = self.jobs.get(job_id)
         if run is None:
             return {"t": "error", "kind": "unknown_job", "error": "unknown job"}
+        if run.completed is not None:
+            self.counters.add("reject.state.job_complete")
+            log.warning("resume_refused", job=job_id, reason="job_complete")
+            return {"t": "error", "kind": "job_complete", "error": "the job is complete: nothing to resume"}
         if self.active is not None:
             return {"t": "error", "kind": "busy", "error": f"holding a hop of job {self.active}"}
         async with run.lock:
