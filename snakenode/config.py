@@ -155,14 +155,17 @@ def _coerce(setting: Setting, value: Any, source: str) -> Any:
         if kind is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            number = float(value)
+            if number != number or number in (float("inf"), float("-inf")):  # nan passes every range check
+                raise ValueError
+            return number
         if kind is str:
             if not isinstance(value, str):
                 raise ValueError
             return value
     except (TypeError, ValueError):
         pass
-    expected = {bool: "true or false", list: "a list of strings", int: "an integer", float: "a number",
+    expected = {bool: "true or false", list: "a list of strings", int: "an integer", float: "a finite number",
                 str: "a string"}[kind]
     raise ConfigError(f"{where} must be {expected}, got {value!r}")
 

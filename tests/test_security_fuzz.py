@@ -373,9 +373,6 @@ def test_accept_decline_claimref_from_wire(obj: Any, cls: Any) -> None:
 # ---------------------------------------------------------------------------------------------- job_state
 
 
-@pytest.mark.xfail(strict=True, reason="state.is_peer_id is lru_cached and raises TypeError on an unhashable "
-                                       "value, so JobState.from_dict raises TypeError, not StateError, for "
-                                       "e.g. holder = [] (see the issue-7 report)")
 @FUZZ
 @given(obj=mutated(STATE1.to_dict()) | mutated(STATE0.to_dict()) | values())
 @example(obj={**STATE1.to_dict(), "holder": []})
@@ -385,8 +382,6 @@ def test_job_state_from_dict(obj: Any) -> None:
         assert state_mod.JobState.from_dict(s.to_dict()) == s
 
 
-@pytest.mark.xfail(strict=True, reason="is_peer_id([]) raises TypeError (lru_cache needs a hashable "
-                                       "argument) instead of returning False")
 @FUZZ
 @given(value=values() | st.sampled_from(PEERS))
 @example(value=[])
@@ -465,12 +460,9 @@ def _blob_variants() -> st.SearchStrategy[bytes]:
 DEEP_JSON = _header_doc_blob(b"[" * 5000 + b"]" * 5000)
 UNHASHABLE_DTYPE = _header_doc_blob({"w": {"dtype": [], "shape": [], "data_offsets": [0, 0]}})
 
-BUNDLE_BUG = ("bundle decoders let TypeError (unhashable dtype: `dt not in DTYPES` with dt = [] from JSON or "
-              "msgpack) and RecursionError (deeply nested JSON header) escape instead of BadHeader "
-              "(see the issue-7 report)")
+# DEEP_JSON and UNHASHABLE_DTYPE once escaped the bundle decoders as RecursionError and TypeError.
 
 
-@pytest.mark.xfail(strict=True, reason=BUNDLE_BUG)
 @FUZZ
 @given(blob=_blob_variants())
 @example(blob=DEEP_JSON)
@@ -483,7 +475,6 @@ def test_bundle_parse_header(blob: bytes) -> None:
         assert h.code in bundle.ERROR_CODES
 
 
-@pytest.mark.xfail(strict=True, reason=BUNDLE_BUG)
 @FUZZ
 @given(blob=_blob_variants(), entry=st.sampled_from([ENTRY, ENTRY2]))
 @example(blob=UNHASHABLE_DTYPE, entry=ENTRY)
@@ -498,7 +489,6 @@ UNHASHABLE_MANIFEST = msgpack.packb({**MANIFEST_DOC, "layers": [
     {**MANIFEST_DOC["layers"][0], "tensors": {"w": {"dtype": [], "shape": [3, 4]}}}]}, use_bin_type=True)
 
 
-@pytest.mark.xfail(strict=True, reason=BUNDLE_BUG)
 @FUZZ
 @given(data=bytes_from(MANIFEST_DOC) | st.sampled_from(AMPLIFIERS))
 @example(data=UNHASHABLE_MANIFEST)
@@ -508,7 +498,6 @@ def test_layer_bundle_decode(data: bytes) -> None:
         run_decoder(m.check_against, bundle.BundleError, {"block0": ENTRY, "head": ENTRY2})
 
 
-@pytest.mark.xfail(strict=True, reason=BUNDLE_BUG)
 @FUZZ
 @given(data=mutated_bytes(MODEL_FILE) | _blob_variants())
 @example(data=DEEP_JSON)
@@ -520,7 +509,6 @@ def test_read_model_file(data: bytes) -> None:
             bundle.parse_header(b)
 
 
-@pytest.mark.xfail(strict=True, reason=BUNDLE_BUG + "; transfer.decode_incoming only maps BundleError")
 @FUZZ
 @given(obj=mutated(INCOMING) | st.builds(lambda m: {**INCOMING, "manifest": m},
                                          mutated_bytes(INCOMING["manifest"])))
@@ -560,10 +548,6 @@ def test_lane_offer_from_wire(obj: Any) -> None:
 # ---------------------------------------------------------------------------------------------- hop log
 
 
-@pytest.mark.xfail(strict=True, reason="hoplog.validate_record raises TypeError for unhashable values "
-                                       "(event = [] in EVENT_ORDER; node/holder = {} in is_peer_id) instead "
-                                       "of returning problems; a progress message then counts as "
-                                       "error.gossip.progress, not reject.gossip.progress.bad_record")
 @FUZZ
 @given(rec=mutated(RECORD) | values())
 @example(rec={**RECORD, "event": []})
@@ -623,9 +607,6 @@ def _finite_numbers(cfg: config.NodeConfig) -> bool:
     return all(math.isfinite(getattr(cfg, s.name)) for s in config.SETTINGS if s.kind is float)
 
 
-@pytest.mark.xfail(strict=True, reason="config accepts nan for float settings (ping_interval_s = nan in the "
-                                       "TOML file or SNAKENODE_PING_INTERVAL_S=nan): `nan < minimum` is "
-                                       "False, so the range check passes")
 @FUZZ
 @given(doc=CONFIG_DOC | st.text(max_size=80),
        env=st.dictionaries(st.sampled_from([config.ENV_PREFIX + s.name.upper() for s in config.SETTINGS]),

@@ -125,7 +125,7 @@ def parse_header(buf: bytes | memoryview, total_len: int | None = None, layer: s
     raw = bytes(buf[8:8 + hlen])
     try:
         doc = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: deeply nested JSON
         raise BadHeader(layer, f"header is not UTF-8 JSON ({e})") from None
     if not isinstance(doc, dict):
         raise BadHeader(layer, "header is not a JSON object")
@@ -140,7 +140,7 @@ def parse_header(buf: bytes | memoryview, total_len: int | None = None, layer: s
         if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
             raise BadHeader(layer, f"tensor {name!r}: entry needs exactly dtype, shape, data_offsets")
         dt, shape, offs = info["dtype"], info["shape"], info["data_offsets"]
-        if dt not in DTYPES:
+        if not isinstance(dt, str) or dt not in DTYPES:
             raise DtypeMismatch(layer, f"tensor {name!r}: unsupported dtype {dt!r}")
         if (not isinstance(shape, list) or len(shape) > 8
                 or not all(type(s) is int and 0 <= s < 2**40 for s in shape)):
@@ -243,7 +243,7 @@ class LayerEntry:
         clean: dict[str, dict[str, Any]] = {}
         for tn, info in tensors.items():
             if (not isinstance(tn, str) or not isinstance(info, dict) or set(info) != {"dtype", "shape"}
-                    or info["dtype"] not in DTYPES or not isinstance(info["shape"], list | tuple)
+                    or not isinstance(info["dtype"], str) or info["dtype"] not in DTYPES or not isinstance(info["shape"], list | tuple)
                     or not all(type(s) is int and s >= 0 for s in info["shape"])):
                 raise BadHeader(name, f"bad tensor entry {tn!r}: {info!r}")
             clean[tn] = {"dtype": info["dtype"], "shape": list(info["shape"])}
@@ -479,7 +479,7 @@ def read_model_file(data: bytes | memoryview) -> tuple[dict[str, bytes], dict[st
     meta = dict(h.metadata or {})
     try:
         layer_map = json.loads(meta.pop(_META_LAYERS))
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, RecursionError):
         raise BadHeader(None, f"not a snakenode model file (no {_META_LAYERS} metadata)") from None
     if not isinstance(layer_map, dict):
         raise BadHeader(None, f"{_META_LAYERS} metadata must be a JSON object")

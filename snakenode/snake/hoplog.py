@@ -121,7 +121,7 @@ def validate_record(rec: Any) -> list[str]:
     if missing:
         return [f"missing keys {missing}"]
     p: list[str] = []
-    if rec["event"] not in EVENT_ORDER:
+    if not isinstance(rec["event"], str) or rec["event"] not in EVENT_ORDER:
         p.append(f"event {rec['event']!r:.40} is not one of the known events")
     if not isinstance(rec["job_id"], str) or not _JOB_ID.match(rec["job_id"]):
         p.append("job_id must be 16 lowercase hex characters")

@@ -66,11 +66,14 @@ class StateError(ValueError):
     """A job_state that is malformed or a transition that breaks the protocol. The message says which."""
 
 
-@functools.lru_cache(maxsize=8192)
 def is_peer_id(value: object) -> bool:
-    """True for an Ed25519 libp2p peer id string (the only kind snakenode uses)."""
-    if not isinstance(value, str) or not 40 <= len(value) <= 64:
-        return False
+    """True for an Ed25519 libp2p peer id string (the only kind snakenode uses); False for anything else,
+    unhashable values included."""
+    return isinstance(value, str) and 40 <= len(value) <= 64 and _is_peer_id_str(value)
+
+
+@functools.lru_cache(maxsize=8192)
+def _is_peer_id_str(value: str) -> bool:
     try:
         public_key_from_peer_id(value)
     except ValueError:
