@@ -23,6 +23,7 @@ from libp2p.abc import IHost, INetStream
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519
 from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
+from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
@@ -164,9 +165,15 @@ class StreamIO:
     async def _fill(self, n: int, timeout: float) -> None:
         with trio.fail_after(timeout):
             while len(self._buf) < n:
-                chunk = await self.stream.read(max(n - len(self._buf), 65536))
+                try:
+                    chunk = await self.stream.read(max(n - len(self._buf), 65536))
+                except StreamEOF:  # py-libp2p signals the end of a stream this way, not with b""
+                    chunk = b""
+                except StreamReset:
+                    raise wire.WireError(f"stream reset by the peer after {self.bytes_in} bytes",
+                                         "truncated") from None
                 if not chunk:
-                    raise wire.WireError("stream closed by the peer", "truncated")
+                    raise wire.WireError(f"stream closed by the peer after {self.bytes_in} bytes", "truncated")
                 self._buf += chunk
                 self.bytes_in += len(chunk)
                 self.counters.add(f"bytes.{self.name}.in", len(chunk))

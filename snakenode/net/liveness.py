@@ -81,8 +81,10 @@ class _Notifee(INotifee):
 
 class Liveness:
     def __init__(self, host: IHost, table: PeerTable, counters: Counters, interval_s: float,
-                 timeout_s: float, on_change: Callable[[str, str], None]) -> None:
+                 timeout_s: float, on_change: Callable[[str, str], None],
+                 allowed: Callable[[str], bool] | None = None) -> None:
         self.host = host
+        self.allowed = allowed  # closed network: any other peer's connection, inbound too, is dropped
         self.table = table
         self.counters = counters
         self.interval_s = interval_s
@@ -119,6 +121,11 @@ class Liveness:
             task_status.started()
             async for kind, pid in self._recv:
                 now = time.monotonic()
+                if kind == "connected" and self.allowed is not None and not self.allowed(pid):
+                    self.counters.add("reject.connection.peer_not_allowed")
+                    log.warning("rejected", proto="connection", peer=pid, reason="peer_not_allowed")
+                    nursery.start_soon(self._drop, pid)
+                    continue
                 if kind == "connected":
                     was_live = self.table.is_live(pid)
                     self.table.on_connected(pid, now)
@@ -134,6 +141,13 @@ class Liveness:
                     if self.table.on_disconnected(pid, now):
                         log.info("peer_down", peer=pid, reason="disconnected")
                         self.on_change("down", pid)
+
+    async def _drop(self, pid: str) -> None:
+        with trio.move_on_after(2):
+            try:
+                await self.host.disconnect(ID.from_base58(pid))
+            except Exception:  # noqa: BLE001 - already gone
+                pass
 
     async def _declare_down(self, pid: str) -> None:
         log.info("peer_down", peer=pid, reason="unresponsive", misses=self.table.ping_misses)

@@ -140,7 +140,7 @@ class NetService:
                 log.error("peer_event_failed", error=f"{type(exc).__name__}: {exc}")
 
     def _on_connected(self, pid: str) -> None:
-        if not self.allowed(pid):
+        if not self.allowed(pid):  # an outbound dial; inbound connections are checked in Liveness
             self.counters.add("reject.connection.peer_not_allowed")
             if self.nursery is not None:
                 self.nursery.start_soon(self._disconnect, pid)
@@ -230,7 +230,8 @@ class NetService:
                 host_mod.check_listening(self.host, cfg.listen)
                 self.addrs = host_mod.dialable_addrs(self.host)
                 self.liveness = Liveness(self.host, self.table, self.counters, cfg.ping_interval_s,
-                                         cfg.ping_timeout_s, self._on_peer_change)
+                                         cfg.ping_timeout_s, self._on_peer_change,
+                                         self.allowed if self.allowed_set else None)
                 self.host.get_network().register_notifee(self.liveness.notifee())
                 self.gossip = Gossip(self.host, cfg.network, self.counters, self.allowed)
                 self.gossip.on("profiles", self._gossip_profile)

@@ -129,12 +129,15 @@ def decode_incoming(f: wire.Fields, max_layers: int = bundle_mod.MAX_LAYERS) -> 
 
 
 def _verify_file(path: str, entry: bundle_mod.LayerEntry, schema: bundle_mod.LayerEntry) -> None:
+    """The map is deliberately not closed in a `with`: when verification fails, the exception's traceback
+    still holds views of it, and closing would replace the BundleError with a BufferError (the refusal
+    became error.handler.bundle, without an error frame, and the bad partial file stayed). It is unmapped
+    when the last view goes."""
     with open(path, "rb") as fh:
-        size = fh.seek(0, 2)
-        if size == 0:
+        if fh.seek(0, 2) == 0:
             raise bundle_mod.Truncated(entry.name, "empty blob")
-        with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
-            bundle_mod.verify_blob(memoryview(mm), entry, schema=schema)
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    bundle_mod.verify_blob(memoryview(mm), entry, schema=schema)
 
 
 async def receive_layers(io: StreamIO, incoming: Incoming, schema: Mapping[str, bundle_mod.LayerEntry],
