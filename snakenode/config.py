@@ -71,6 +71,12 @@ SETTINGS: tuple[Setting, ...] = (
             minimum=1, maximum=1024),
     Setting("trusted_submitters", list, [], "peer ids whose signed jobs this node accepts (its own always)"),
     Setting("allowed_peers", list, [], "closed network: only these peer ids may talk to this node (empty = all)"),
+    Setting("lane_port", int, 0, "TCP port of the fast bulk lane for large bundles (0 = any free port, -1 = no lane: "
+            "every bundle goes over libp2p)", minimum=-1, maximum=65535),
+    Setting("lane_announce_port", int, 0, "lane port put in lane offers instead of the listening one (port "
+            "forwarding, containers; 0 = the listening port)", minimum=0, maximum=65535),
+    Setting("lane_min_mb", float, 8.0, "bundles of at least this many MiB go over the lane, smaller ones over "
+            "libp2p (0 = every bundle)", minimum=0),
     Setting("coordinator", str, "", "CS mode: multiaddr of the coordinator (only helps the node connect)"),
     Setting("worker_threads", int, 0, "torch threads in the training worker (0 = cores - 1, at least 1)",
             minimum=0, maximum=256),
@@ -106,6 +112,9 @@ class NodeConfig:
     max_peers: int = 64
     trusted_submitters: list[str] = field(default_factory=list)
     allowed_peers: list[str] = field(default_factory=list)
+    lane_port: int = 0
+    lane_announce_port: int = 0
+    lane_min_mb: float = 8.0
     coordinator: str = ""
     worker_threads: int = 0
     worker_nice: int = 10
