@@ -415,8 +415,9 @@ def _recv_layers_blocking(conn: _Conn, incoming: transfer.Incoming, schema: Mapp
                     received += n
                     if progress is not None:
                         progress(received)
-                    if faults is not None:
-                        faults.check("recv", bytes=received, **ctx)
+                    if faults is not None and faults.check("recv", bytes=received, **ctx) == "break":
+                        raise transfer.TransferError(f"lane broken on purpose after {received} bytes "
+                                                     "(--test-faults)", "test_fault")
                 verifier.submit(part, entry, sch)
                 handed = True
             finally:
@@ -918,8 +919,10 @@ def _send_blocking(conn: _Conn, manifest: bundle_mod.LayerBundle, store: LayerSt
                 sent += n
                 if progress is not None:
                     progress(sent)
-                if faults is not None:
-                    faults.check("send", bytes=sent, **ctx)
+                if faults is not None and faults.check("send", bytes=sent, **ctx) == "break":
+                    conn.shutdown()  # as transfer.py's stream reset: the receiver keeps a partial to resume
+                    raise transfer.TransferError(f"lane broken on purpose after {sent} bytes (--test-faults)",
+                                                 "test_fault")
                 if rate:
                     ahead = sent / rate - (time.monotonic() - t0)
                     if ahead > 0:
@@ -970,7 +973,8 @@ async def send_over_lane(hosts: list[str], offer: LaneOffer, cert: LaneCert,
     mismatch, offer refused) and `fallback` is given, logs `lane_fallback`, counts
     `lane.fallback.<reason>`, opens the libp2p bundle stream with `fallback()` and sends there. Once bundle
     bytes have moved on the lane, a failure raises TransferError (re-propose: the receiver's partial files
-    make the next attempt resume). Returns {"bytes", "seconds", "path": "lane"|"libp2p"}.
+    make the next attempt resume). Returns {"bytes", "seconds", "path": "lane"|"libp2p"}, plus "fallback":
+    the reason when it fell back.
     """
     t0 = time.monotonic()
     ctx_d = dict(ctx or {})
@@ -990,7 +994,7 @@ async def send_over_lane(hosts: list[str], offer: LaneOffer, cert: LaneCert,
                                              on_progress=on_progress)
         finally:
             await io.close()
-        return {**res, "path": "libp2p"}
+        return {**res, "path": "libp2p", "fallback": exc.kind}
     progress = _Progress(on_progress)
     try:
         sent, kind, f = await _in_thread(

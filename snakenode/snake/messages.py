@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from snakenode import wire
+from snakenode.net import lane as lane_mod
 from snakenode.snake.state import JobState, StateError
 
 DECLINE_REASONS = (
@@ -56,6 +57,15 @@ def _hash_map(f: wire.Fields, key: str, values: str = "hash") -> dict[str, Any]:
     return out
 
 
+def _lane_field(f: wire.Fields) -> wire.Fields | None:
+    """The optional `lane` map of propose/accept (the fast bulk lane, docs/PROTOCOL.md). A version this node
+    does not speak counts as absent: the bundle then goes over libp2p."""
+    if not f.has("lane"):
+        return None
+    g = wire.Fields(f.raw("lane"), f"{f.where}.lane")
+    return g if g.int("v", 0, 2**31) == lane_mod.LANE_VERSION else None
+
+
 # --- negotiate ---------------------------------------------------------------------------------------
 @dataclass
 class Propose:
@@ -64,10 +74,14 @@ class Propose:
     state: JobState
     suggested: int
     layers: dict[str, str]  # manifest summary: layer name -> hash of the model being handed over
+    lane: bytes | None = None  # the sender's per-transfer lane certificate (DER); None = no lane
 
     def to_wire(self) -> dict[str, Any]:
-        return {"t": "propose", "job_id": self.job_id, "job": self.job, "state": self.state.to_dict(),
-                "suggested": self.suggested, "layers": self.layers}
+        out = {"t": "propose", "job_id": self.job_id, "job": self.job, "state": self.state.to_dict(),
+               "suggested": self.suggested, "layers": self.layers}
+        if self.lane is not None:
+            out["lane"] = {"v": lane_mod.LANE_VERSION, "cert": self.lane}
+        return out
 
     @classmethod
     def from_wire(cls, f: wire.Fields) -> Propose:
@@ -75,8 +89,9 @@ class Propose:
         state = _state(f)
         if state.job_id != job_id:
             raise wire.WireError("propose.state is for another job", "malformed")
+        g = _lane_field(f)
         return cls(job_id, f.bytes("job", 64 * 1024), state, f.int("suggested", 1, 100_000),
-                   _hash_map(f, "layers"))
+                   _hash_map(f, "layers"), None if g is None else lane_mod.decode_propose_field(g))
 
 
 @dataclass
@@ -87,10 +102,14 @@ class Accept:
     size: int
     held: list[str]
     partial: dict[str, int] = field(default_factory=dict)
+    lane: lane_mod.LaneOffer | None = None  # where and how to send the bundle over the lane; None = libp2p
 
     def to_wire(self) -> dict[str, Any]:
-        return {"t": "accept", "job_id": self.job_id, "hop": self.hop, "attempt": self.attempt,
-                "size": self.size, "held": self.held, "partial": self.partial}
+        out = {"t": "accept", "job_id": self.job_id, "hop": self.hop, "attempt": self.attempt,
+               "size": self.size, "held": self.held, "partial": self.partial}
+        if self.lane is not None:
+            out["lane"] = self.lane.to_wire()
+        return out
 
     @classmethod
     def from_wire(cls, f: wire.Fields) -> Accept:
@@ -98,8 +117,10 @@ class Accept:
         if not isinstance(held, list) or len(held) > MAX_HELD or not all(
                 isinstance(h, str) and wire.HEX64_RE.match(h) for h in held):
             raise wire.WireError("accept.held must be a list of sha256 hex", "malformed")
+        g = _lane_field(f)
         return cls(f.str("job_id", 16, pattern=wire.JOB_ID_RE), f.int("hop"), f.int("attempt"),
-                   f.int("size", 1, 100_000), held, _hash_map(f, "partial", values="offset"))
+                   f.int("size", 1, 100_000), held, _hash_map(f, "partial", values="offset"),
+                   None if g is None else lane_mod.LaneOffer.from_wire(g))
 
 
 @dataclass
