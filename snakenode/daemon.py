@@ -55,6 +55,7 @@ class Daemon:
             svc.profile_fields["compute"] = self._scaled(cached)
         from snakenode.snake.p2p import Snake
 
+        self.lane: Any = None  # net.lane.LaneServer once listening (lane_port >= 0)
         self.snake = Snake(self)
         self._bench_until = 0.0
         svc.status_extra.append(self._status_extra)
@@ -121,6 +122,32 @@ class Daemon:
                  seconds=round(time.monotonic() - t0, 2))
 
     # --- lifecycle ----------------------------------------------------------------------------
+    def _lane_host(self) -> str:
+        """The lane listens where libp2p does: the one IP all listen addresses share, else every address."""
+        hosts = set()
+        for addr in self.cfg.listen:
+            parts = addr.split("/")
+            hosts.add(parts[2] if len(parts) > 2 and parts[1] in ("ip4", "ip6") else "")
+        host = hosts.pop() if len(hosts) == 1 else ""
+        return host or "0.0.0.0"
+
+    async def _start_lane(self, nursery: trio.Nursery) -> None:
+        """The fast bulk lane's listener (docs/PROTOCOL.md, "Fast bulk lane"): its port goes into node.json
+        and the profile as `lane_port`; with lane_port = -1 there is none (node.json: null)."""
+        svc = self.service
+        if self.cfg.lane_port < 0:
+            svc.node_json_extra["lane_port"] = None
+            log.info("lane_disabled")
+            return
+        from snakenode.net.lane import LaneServer
+
+        server = LaneServer(svc.counters, host=self._lane_host(), port=self.cfg.lane_port)
+        port = await nursery.start(server.serve)
+        self.lane = server
+        svc.node_json_extra["lane_port"] = port
+        svc.profile_fields["lane_port"] = port
+        svc.profile_changed()
+
     async def _raising_handler(self, io: Any) -> None:
         await io.read_exact(1)
         self.faults.check("handler")
@@ -212,6 +239,7 @@ class Daemon:
             "submit": self._op_submit, "jobs": self._op_jobs, "job": self._op_job, "fetch": self._op_fetch,
             "resume": self._op_resume, "reload_trust": self._op_reload_trust, "bench": self._op_bench,
         })
+        await self._start_lane(nursery)
         await nursery.start(self.snake.run)
         if self.cfg.coordinator and self.service.discovery is not None:
             pid = self.cfg.coordinator.split("/p2p/")[-1]

@@ -25,6 +25,7 @@ import trio
 from snakenode import logs, wire
 from snakenode.control import ControlError
 from snakenode.net import host as host_mod
+from snakenode.net import lane as lane_mod
 from snakenode.net import transfer
 from snakenode.snake import bundle as bundle_mod
 from snakenode.snake import hoplog, routing
@@ -70,6 +71,7 @@ class Reservation:
         self.state = state
         self.proposer = proposer
         self.expires = time.monotonic() + RESERVATION_S
+        self.lane_id: str | None = None  # the lane offer made in the Accept, if any
 
     @property
     def claim(self) -> Claim:
@@ -181,9 +183,19 @@ class Snake:
             if r is not None and time.monotonic() > r.expires and r.run.phase == "reserved":
                 log.info("reservation_expired", job=r.run.job_id, hop=r.state.hop, proposer=r.proposer)
                 self.counters.add("snake.reservation_expired")
+                self._cancel_lane(r)
                 self.reservation = None
                 r.run.phase = "idle"
                 self._set_idle()
+
+    def _cancel_lane(self, r: Reservation | None) -> None:
+        """Forget a reservation's lane offer (replaced, expired, or the bundle came over libp2p)."""
+        if r is not None and r.lane_id is not None and self.d.lane is not None:
+            self.d.lane.cancel(r.lane_id)
+            r.lane_id = None
+
+    def _lane_threshold(self) -> int:
+        return int(self.cfg.lane_min_mb * 2**20)
 
     def _set_idle(self) -> None:
         if self.active is None and self.reservation is None:
@@ -705,7 +717,12 @@ class Snake:
                 proposal = st.after_hop(base, cand, suggested, spec=spec, attempt=attempt)
             self._record(run, "proposed", proposal, detail={"score": ranking.choices[0].score,
                                                             "reasons": ranking.choices[0].reasons})
-            reply, negotiate_bytes = await self._propose(run, cand, proposal, model)
+            # The fast bulk lane (docs/PROTOCOL.md): offered when the whole model reaches the threshold; used
+            # when the Accept carries an offer and the bytes actually planned reach it too.
+            cert = None
+            if self.d.lane is not None and self._model_bytes(run, model) >= max(1, self._lane_threshold()):
+                cert = lane_mod.LaneCert.generate()
+            reply, negotiate_bytes, via = await self._propose(run, cand, proposal, model, cert)
             if isinstance(reply, Decline) or reply is None:
                 reason = "timeout" if reply is None else reply.reason
                 self._record(run, "declined", proposal, bytes={"negotiate": negotiate_bytes},
@@ -730,7 +747,8 @@ class Snake:
             self._record(run, "accepted", proposal, bytes={"negotiate": negotiate_bytes}, detail={
                 "planned_bytes": sum(it.entry.size - it.offset for it in items), "layers": len(items),
                 "held": len(reply.held), "resumed_bytes": sum(it.offset for it in items)})
-            ok, sent = await self._transfer(run, cand, proposal, model, items)
+            offer = reply.lane if cert is not None else None
+            ok, sent, path = await self._transfer(run, cand, proposal, model, items, offer, cert, via)
             if ok is None:
                 # The receiver's poisoning guard refused the model: a Decline(poison_suspect); route on.
                 self._record(run, "declined", proposal, detail={"reason": "poison_suspect"})
@@ -747,7 +765,7 @@ class Snake:
                 continue
             t_handoff = time.time()
             self._record(run, "handoff", proposal, bytes={"bundle_out": sent, "negotiate": negotiate_bytes},
-                         t_handoff=t_handoff)
+                         t_handoff=t_handoff, detail=path)
             self._record(run, "committed", proposal)
             if proposal.attempt > 0:
                 self._record(run, "reassigned", proposal, detail={"new_holder": cand})
@@ -832,10 +850,15 @@ class Snake:
         assert self.nursery is not None
         self.nursery.start_soon(self._hold, run)
 
-    async def _propose(self, run: JobRun, cand: str, proposal: JobState, model: dict[str, str]
-                       ) -> tuple[Accept | Decline | None, int]:
+    def _model_bytes(self, run: JobRun, model: dict[str, str]) -> int:
+        return sum(run.schema[n].size for n in model if n in run.schema)
+
+    async def _propose(self, run: JobRun, cand: str, proposal: JobState, model: dict[str, str],
+                       lane_cert: lane_mod.LaneCert | None = None) -> tuple[Accept | Decline | None, int, str | None]:
+        """(reply, negotiate bytes, the IP address of the connection the negotiation ran on)."""
         self.faults.check("propose", hop=proposal.hop, attempt=proposal.attempt, job=run.job_id)
-        msg = Propose(run.job_id, run.signed.encode(), proposal, proposal.window.size, model)
+        msg = Propose(run.job_id, run.signed.encode(), proposal, proposal.window.size, model,
+                      None if lane_cert is None else lane_cert.der)
         io = None
         assign = self.cs.is_coordinator(run) and not run.fallback
         try:
@@ -848,14 +871,14 @@ class Snake:
                 acc = Accept.from_wire(f)
                 if (acc.job_id, acc.hop, acc.attempt) != (run.job_id, proposal.hop, proposal.attempt):
                     raise wire.WireError("accept does not match the proposal", "unexpected")
-                return acc, io.bytes_in + io.bytes_out
+                return acc, io.bytes_in + io.bytes_out, lane_mod.remote_host(io)
             if kind == "decline":
-                return Decline.from_wire(f), io.bytes_in + io.bytes_out
+                return Decline.from_wire(f), io.bytes_in + io.bytes_out, None
             raise wire.WireError(f"expected accept or decline, got {kind!r}", "unexpected")
         except (trio.TooSlowError, wire.WireError, Exception) as exc:  # noqa: BLE001 - any failure: next candidate
             self.counters.add("snake.propose.failed")
             log.info("propose_failed", job=run.job_id, hop=proposal.hop, peer=cand, error=f"{type(exc).__name__}: {exc}"[:200])
-            return None, 0 if io is None else io.bytes_in + io.bytes_out
+            return None, 0 if io is None else io.bytes_in + io.bytes_out, None
         finally:
             if io is not None:
                 await io.close()
@@ -867,29 +890,58 @@ class Snake:
     def _plan(self, run: JobRun, model: dict[str, str], acc: Accept) -> list[transfer.SendItem]:
         return transfer.plan_send(self._entries(run, model), set(acc.held), acc.partial)
 
+    def _lane_hosts(self, peer: str, via: str | None) -> list[str]:
+        """Where to dial a peer's lane: the address of the connection we negotiated on, else its profile's IPs."""
+        if via:
+            return [via]
+        e = self.svc.table.entries.get(peer)
+        addrs = [*((e.profile or {}).get("addrs", []) if e is not None else []), *(e.addrs if e else [])]
+        return list(dict.fromkeys(a.split("/")[2] for a in addrs if a.split("/")[1:2] in (["ip4"], ["ip6"])))
+
     async def _transfer(self, run: JobRun, cand: str, proposal: JobState, model: dict[str, str],
-                        items: list[transfer.SendItem]) -> tuple[bool | None, int]:
-        """(True, bytes) on commit; (False, _) on a failure worth retrying; (None, _) when the receiver's
-        poisoning guard refused the model."""
+                        items: list[transfer.SendItem], offer: lane_mod.LaneOffer | None = None,
+                        cert: lane_mod.LaneCert | None = None, via: str | None = None
+                        ) -> tuple[bool | None, int, dict[str, Any]]:
+        """(True, bytes, path) on commit; (False, _, _) on a failure worth retrying; (None, _, _) when the
+        receiver's poisoning guard refused the model. `path` says how the bytes went ({"path": "lane"} or
+        "libp2p", with "fallback": reason when the lane was offered but could not connect). With an offer
+        and at least lane_min_mb to send, the bytes go over the lane, falling back to the libp2p stream."""
         manifest = bundle_mod.LayerBundle(run.job_id, proposal.to_dict(), self._entries(run, model))
         io = None
         self.svc.set_state("sending", run.job_id, proposal.hop - 1 if proposal.hop else None)
+        planned = sum(it.entry.size - it.offset for it in items)
+        ctx = {"hop": proposal.hop, "job": run.job_id}
+        use_lane = offer is not None and cert is not None and planned > 0 and planned >= self._lane_threshold()
+        path: dict[str, Any] = {"path": "libp2p"}
         try:
-            io = await host_mod.open_stream(self.svc.host, cand, wire.PROTO_BUNDLE, self.counters, "bundle")
-            res = await transfer.send_bundle(io, manifest, self.store, items, rate=self.faults.rate,
-                                             faults=self.faults, ctx={"hop": proposal.hop, "job": run.job_id})
+            if use_lane:
+                assert offer is not None and cert is not None
+
+                async def libp2p_stream() -> host_mod.StreamIO:
+                    return await host_mod.open_stream(self.svc.host, cand, wire.PROTO_BUNDLE, self.counters,
+                                                      "bundle")
+
+                res = await lane_mod.send_over_lane(self._lane_hosts(cand, via), offer, cert, manifest, self.store,
+                                                    items, counters=self.counters, fallback=libp2p_stream,
+                                                    peer=cand, rate=self.faults.rate, faults=self.faults, ctx=ctx)
+                path = {"path": res["path"], **({"fallback": res["fallback"]} if res.get("fallback") else {})}
+            else:
+                io = await host_mod.open_stream(self.svc.host, cand, wire.PROTO_BUNDLE, self.counters, "bundle")
+                res = await transfer.send_bundle(io, manifest, self.store, items, rate=self.faults.rate,
+                                                 faults=self.faults, ctx=ctx)
             log.info("bundle_sent", job=run.job_id, hop=proposal.hop, to=cand, layers=len(items),
-                     bytes=res["bytes"], seconds=round(res["seconds"], 3))
-            return True, int(res["bytes"])
+                     bytes=res["bytes"], seconds=round(res["seconds"], 3), **path)
+            return True, int(res["bytes"]), path
         except transfer.TransferError as exc:
             self.counters.add("snake.transfer.failed")
-            log.warning("bundle_failed", job=run.job_id, hop=proposal.hop, to=cand, kind=exc.kind, error=str(exc)[:300])
-            return (None if exc.kind == "poison_suspect" else False), 0 if io is None else io.bytes_out
+            log.warning("bundle_failed", job=run.job_id, hop=proposal.hop, to=cand, kind=exc.kind,
+                        lane=use_lane, error=str(exc)[:300])
+            return (None if exc.kind == "poison_suspect" else False), 0 if io is None else io.bytes_out, path
         except Exception as exc:  # noqa: BLE001 - any failure: re-propose (resumes) or move on
             self.counters.add("snake.transfer.failed")
-            log.warning("bundle_failed", job=run.job_id, hop=proposal.hop, to=cand,
+            log.warning("bundle_failed", job=run.job_id, hop=proposal.hop, to=cand, lane=use_lane,
                         error=f"{type(exc).__name__}: {exc}"[:300])
-            return False, 0 if io is None else io.bytes_out
+            return False, 0 if io is None else io.bytes_out, path
         finally:
             if io is not None:
                 await io.close()
@@ -997,7 +1049,14 @@ class Snake:
             # hop 0 has no previous window: the size is all there is to decide.
             state = st.start_job(run.job_id, p.state.lap_members, self.me, size, run.blocks,
                                  attempt=p.state.attempt)  # the sender builds the same state on Accept
+        self._cancel_lane(self.reservation)
         self.reservation = Reservation(run, state, peer)
+        offer = None
+        if p.lane is not None and self.d.lane is not None:
+            # The lane offer is bound to the Noise-authenticated proposer and to its certificate.
+            offer = self.d.lane.expect(peer, p.lane, self._serve_bundle,
+                                       advertise_port=self.cfg.lane_announce_port or None)
+            self.reservation.lane_id = offer.lane_id
         run.phase = "reserved"
         self.svc.set_state("reserved", run.job_id, state.hop)
         hashes = set(p.layers.values())
@@ -1005,7 +1064,7 @@ class Snake:
         partial = {h: self.store.partial_offset(h) for h in hashes - set(held) if self.store.partial_offset(h) > 0}
         log.info("accepted", job=run.job_id, hop=state.hop, attempt=state.attempt, size=size, frm=peer,
                  held=len(held), resume=len(partial))
-        return Accept(run.job_id, state.hop, state.attempt, size, held, partial)
+        return Accept(run.job_id, state.hop, state.attempt, size, held, partial, offer)
 
     async def _serve_negotiate(self, io: host_mod.StreamIO) -> None:
         kind, f = await io.read_frame(limit=2 * 2**20)
@@ -1055,7 +1114,10 @@ class Snake:
             run.incoming_loss = loss
         return None
 
-    async def _serve_bundle(self, io: host_mod.StreamIO) -> None:
+    async def _serve_bundle(self, io: host_mod.StreamIO | lane_mod.LaneIO) -> None:
+        """A bundle on `/snake/bundle/1.0.0`, or on the fast bulk lane (a LaneIO whose `peer` is the proposer
+        the lane offer was made to): the same checks either way."""
+        on_lane = isinstance(io, lane_mod.LaneIO)
         kind, f = await io.read_frame(limit=bundle_mod.MAX_MANIFEST_BYTES + 64 * 1024)
         if kind != "bundle":
             raise wire.WireError(f"expected bundle, got {kind!r}", "unexpected")
@@ -1074,6 +1136,8 @@ class Snake:
         if state.to_dict() != r.state.to_dict():
             raise wire.WireError(f"the manifest's job_state (hop {state.hop} attempt {state.attempt}) is not the "
                                  f"accepted one (hop {r.state.hop} attempt {r.state.attempt})", "stale")
+        if not on_lane:
+            self._cancel_lane(r)  # the sender chose (or fell back to) libp2p: the offer will not be used
         run = r.run
         try:
             m.check_against(run.schema)
@@ -1085,7 +1149,7 @@ class Snake:
         run.phase = "receiving"
         self.svc.set_state("receiving", run.job_id, state.hop)
         try:
-            received = await transfer.receive_layers(io, incoming, run.schema, self.store, faults=self.faults,
+            received = await lane_mod.receive_layers(io, incoming, run.schema, self.store, faults=self.faults,
                                                      ctx={"hop": state.hop, "job": run.job_id})
         except transfer.TransferError as exc:
             run.phase = "reserved"
@@ -1117,9 +1181,11 @@ class Snake:
             self.active = run.job_id
         await io.write_frame({"t": "ack", "job_id": run.job_id, "hop": state.hop, "attempt": state.attempt,
                               "bytes": received})
-        self._record(run, "received", state, t_recv=time.time(), bytes={"bundle_in": received})
+        path = "lane" if on_lane else "libp2p"
+        self._record(run, "received", state, t_recv=time.time(), bytes={"bundle_in": received},
+                     detail={"path": path})
         log.info("bundle_received", job=run.job_id, hop=state.hop, attempt=state.attempt, frm=io.peer,
-                 bytes=received)
+                 bytes=received, path=path)
         assert self.nursery is not None
         self.nursery.start_soon(self._hold, run)
 
