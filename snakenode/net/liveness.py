@@ -5,9 +5,10 @@ their TCP connections stay open. So every connected pair runs the standard `/ipf
 long-lived stream: the peer with the lower peer id pings every period, the other answers. A ping not
 answered within `ping_timeout_s` is a miss, and after `ping_misses` consecutive misses the pinger
 declares the peer down and disconnects it; the answering side watches the pings arrive and declares the
-pinger down when none came for `2 x period + misses x timeout`. One pinger per pair halves the traffic of
+pinger down when none came for `1.5 x period + misses x timeout`. One pinger per pair halves the traffic of
 pinging both ways (measured idle traffic mattered in the Flower comparison) and keeps detection within
-period + misses x timeout = 4 s (pinger) and 5 s (answerer) with the defaults.
+period + misses x timeout = 4 s (pinger) and 4.5 s (answerer) with the defaults (a frozen peer must
+leave every table within 6 s, also on a loaded machine: the half period is the answerer's slack).
 
 The ping payload is 32 bytes (the standard); we fill its last 8 with the pinger's last round-trip time in
 microseconds, so both sides know the link's latency (routing uses it). Any 32-byte payload is echoed.
@@ -270,7 +271,7 @@ class Liveness:
                     self.counters.add("ping.self_suspended")
                     self._last_ping[pid] = now
                 last_tick = now
-                limit = 2 * self.period() + self.table.ping_misses * self.timeout_s
+                limit = 1.5 * self.period() + self.table.ping_misses * self.timeout_s
                 if now - self._last_ping.get(pid, now) > limit:
                     entry = self.table.get(pid)
                     if entry.connected and not entry.down:
