@@ -101,6 +101,7 @@ async def test_validation_loss_bound_from_the_second_lap_on() -> None:
     assert why is None
 
 
+@pytest.mark.timeout(30)
 def test_loss_tolerance_is_at_least_2x() -> None:
     base = {"model": "mlp", "dataset": "digits", "laps": 2}
     assert validate_spec({**base, "guard": {"val_loss_factor": 2.0}})["guard"]["val_loss_factor"] == 2.0

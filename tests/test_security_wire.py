@@ -15,6 +15,7 @@ from snakenode.counters import Counters
 from snakenode.net import host as host_mod
 
 
+@pytest.mark.timeout(30)
 def test_every_protocol_id_has_the_snake_form() -> None:
     assert wire.SNAKE_PROTOCOLS
     for proto in wire.SNAKE_PROTOCOLS:
