@@ -215,6 +215,9 @@ def summarize(detail: dict[str, Any], wall_s: float, bytes_total: int, mode: str
         "lap_val_metric": laps, "bytes_total": bytes_total, "bytes_bundles": bundles,
         "wall_s": round(wall_s, 2), "holders": [h["holder"] for h in hops],
         "retries": sum(1 for r in detail["records"] if r["event"] == "retry"),
+        "handoff_latency": hoplog.handoff_latency(detail["records"]),
+        "bundle_bytes_per_hop": [r["bytes"]["bundle_in"] for g in groups for r in g if r["event"] == "received"
+                                 and r["bytes"]["bundle_in"] > 0],
     }
 
 
@@ -318,6 +321,13 @@ def _print_summary(console: Any, summary: dict[str, Any], detail: dict[str, Any]
     t.add_row("path", " -> ".join(names.get(h, h[-6:]) for h in summary["holders"]))
     t.add_row("KD", f"{summary['kd']['mode']}: on in {summary['kd']['hops_on']} of {summary['hops']} hops")
     t.add_row("bundle bytes", f"{summary['bytes_bundles']:,}")
+    per_hop = summary.get("bundle_bytes_per_hop") or []
+    if per_hop:
+        t.add_row("bundle bytes per hop", f"median {sorted(per_hop)[len(per_hop) // 2]:,}, max {max(per_hop):,}")
+    lat = summary.get("handoff_latency") or {}
+    if lat.get("handoffs"):
+        parts = ", ".join(f"{k} {lat[k]['median_s'] * 1000:.0f}" for k in ("decide", "negotiate", "transfer", "load"))
+        t.add_row("hand-off latency (median ms)", f"{lat['total']['median_s'] * 1000:.0f} = {parts}")
     t.add_row("all bytes sent (bundles, gossip, pings)", f"{summary['bytes_total']:,}")
     if summary.get("bytes_busiest_peer"):
         name, n = summary["bytes_busiest_peer"]

@@ -41,6 +41,10 @@ def test_job_completes_every_member_each_lap_and_log_validates(four: tuple[Snake
     assert sorted(per_lap) == [0, 1, 2]
     for lap, holders in per_lap.items():
         assert sorted(holders) == sorted(members), f"lap {lap}: {[sn.name_of(h) for h in holders]}"
+    # Every hand-off along the surviving lineage has all four phases logged (the demo reports their medians).
+    latency = hoplog.handoff_latency(records)
+    assert latency["handoffs"] == len(hoplog.surviving_chain(records)) - 1 == 11, latency
+    assert all(latency[k]["median_s"] >= 0 for k in hoplog.HANDOFF_PHASES)
     # Every node's local log is itself valid, and each one saw the completion.
     for p in sn.nodes.values():
         own = hoplog.read_log(p.home / "jobs" / job_id / "hoplog.jsonl")

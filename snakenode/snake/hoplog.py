@@ -11,6 +11,7 @@ Schema: docs/hoplog-schema.md. Only `append_record` and `read_log` touch files.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -273,6 +274,38 @@ def chain_windows(records: Sequence[Mapping[str, Any]]) -> list[Window | None]:
         trained = sorted((r for r in group if r["event"] in _TRAIN_EVENTS and r["window"] is not None),
                          key=lambda r: _TRAIN_EVENTS.index(r["event"]))
         out.append(Window.from_log(trained[0]["window"]) if trained else None)
+    return out
+
+
+HANDOFF_PHASES = ("decide", "negotiate", "transfer", "load", "total")
+
+
+def handoff_latency(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Median and max seconds of each hand-off phase along the surviving lineage, from train end on one node
+    to train start on the next: decide (routing, up to the first proposal), negotiate (the accepted
+    proposal), transfer (the bundle), load (into the worker). Wall clocks of different hosts are compared, so
+    across machines the figures are only as good as their clock sync; on one host they are exact."""
+    chain = surviving_chain(records)
+    rows: list[tuple[float, ...]] = []
+
+    def times(group: list[dict[str, Any]], event: str) -> list[float]:
+        return [r["t"] for r in group if r["event"] == event]
+
+    for prev, group in itertools.pairwise(chain):
+        trained, proposed, accepted = times(prev, "trained"), times(group, "proposed"), times(group, "accepted")
+        received, started = times(group, "received"), times(group, "train_start")
+        if not (trained and proposed and accepted and received and started):
+            continue
+        t_trained, t_accepted, t_start = min(trained), max(accepted), min(started)
+        # After a retry the phase that counts is the proposal that was accepted, not the first one.
+        t_asked = max((t for t in proposed if t <= t_accepted), default=min(proposed))
+        t_received = max(received)
+        rows.append((min(proposed) - t_trained, t_accepted - t_asked, t_received - t_accepted,
+                     t_start - t_received, t_start - t_trained))
+    out: dict[str, Any] = {"handoffs": len(rows)}
+    for i, name in enumerate(HANDOFF_PHASES):
+        xs = sorted(max(0.0, r[i]) for r in rows)
+        out[name] = {"median_s": round(xs[len(xs) // 2], 4), "max_s": round(xs[-1], 4)} if xs else None
     return out
 
 
