@@ -11,7 +11,7 @@ from pathlib import Path
 
 LIBRARY_DIR = Path(str(resources.files("scenarios").joinpath("library")))
 # The order of `list` and `run-all`: quick ones first, so a broken build fails early.
-ORDER = ("line3-smoke", "ring5-dropout", "star8-churn", "slow-link", "partition-heal", "hetero6",
+ORDER = ("line3-smoke", "ring5-dropout", "star8-churn", "freeze-crash", "slow-link", "partition-heal", "hetero6",
          "cs-coordinator-loss")
 
 

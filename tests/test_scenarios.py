@@ -22,7 +22,7 @@ from scenarios import library, spec, timeline
 from scenarios.spec import ScenarioError
 
 REPO = Path(__file__).resolve().parents[1]
-LIBRARY = ["line3-smoke", "ring5-dropout", "star8-churn", "hetero6", "partition-heal", "slow-link",
+LIBRARY = ["line3-smoke", "ring5-dropout", "star8-churn", "hetero6", "partition-heal", "slow-link", "freeze-crash",
            "cs-coordinator-loss"]
 
 
