@@ -23,10 +23,11 @@ import trio
 
 from snakenode import logs, wire
 from snakenode.net import host as host_mod
+from snakenode.net import lane as lane_mod
 from snakenode.net import transfer
 from snakenode.snake import bundle as bundle_mod
 from snakenode.snake import state as st
-from snakenode.snake.messages import MAX_LAYERS, _hash_map, _state
+from snakenode.snake.messages import MAX_LAYERS, _hash_map, _state, decode_lane_cert, decode_lane_offer
 from snakenode.snake.runtime import JobRun
 from snakenode.snake.state import JobState
 from snakenode.snake.window import next_window
@@ -40,8 +41,33 @@ UPLOAD_RETRY_S = 2.0  # a node whose coordinator is unreachable retries the uplo
 CS_FALLBACK_S = 10.0  # with fallback = "p2p", after this long without a coordinator the node hands on itself
 
 
+# After an upload_ok with a lane offer, how long the coordinator waits for the node to either connect the lane
+# or send the bundle on the stream (the node tries the lane first: connect + TLS + hello, then falls back).
+UPLOAD_CHOICE_S = lane_mod.CONNECT_TIMEOUT_S + lane_mod.HANDSHAKE_TIMEOUT_S + wire.READ_TIMEOUT_S
+_BUNDLE_FRAME_LIMIT = bundle_mod.MAX_MANIFEST_BYTES + 64 * 1024
+
+
 class UploadRefused(Exception):
     pass
+
+
+class _Upload:
+    """One accepted upload on the coordinator: what it must commit, and which path carries its bundle (the
+    first of the lane and the stream to claim it; the other is refused)."""
+
+    def __init__(self, run: JobRun, baton: Any, base: JobState, layers: dict[str, str],
+                 test: dict[str, float]) -> None:
+        self.run, self.baton, self.base, self.layers, self.test = run, baton, base, layers, test
+        self.via: str | None = None
+        self.chosen = trio.Event()
+        self.done = trio.Event()
+
+    def choose(self, via: str) -> bool:
+        if self.via is not None:
+            return False
+        self.via = via
+        self.chosen.set()
+        return True
 
 
 class CS:
@@ -112,25 +138,51 @@ class CS:
 
     async def _upload(self, run: JobRun, coord: str, base: JobState, model: dict[str, str],
                       test: dict[str, float] | None) -> None:
-        io = await host_mod.open_stream(self.s.svc.host, coord, wire.PROTO_CS, self.s.counters, "cs")
+        """`upload` / `upload_ok` on `/snake/cs/1.0.0`, then the bundle: over the fast bulk lane when the
+        coordinator offered one and at least lane_min_mb is to move (the coordinator is the receiver, as the
+        node is for a download), else, or when the lane cannot be set up, on this stream."""
+        s = self.s
+        entries = s._entries(run, model)
+        cert = None
+        if s.d.lane is not None and s._model_bytes(run, model) >= max(1, s._lane_threshold()):
+            cert = lane_mod.LaneCert.generate()
+        io = await host_mod.open_stream(s.svc.host, coord, wire.PROTO_CS, s.counters, "cs")
         try:
-            await io.write_frame({"t": "upload", "job_id": run.job_id, "state": base.to_dict(), "layers": model,
-                                  "test": test or {}})
+            msg: dict[str, Any] = {"t": "upload", "job_id": run.job_id, "state": base.to_dict(), "layers": model,
+                                   "test": test or {}}
+            if cert is not None:
+                msg["lane"] = lane_mod.propose_field(cert)
+            await io.write_frame(msg)
             kind, f = await io.read_frame()
             if kind == "error":
                 raise UploadRefused(f.str("error", 1000, required=False))
             if kind != "upload_ok":
                 raise wire.WireError(f"expected upload_ok, got {kind!r}", "unexpected")
             held = set(f.raw("held", required=False, default=[]) or [])
-            items = transfer.plan_send(self.s._entries(run, model), held, _hash_map(f, "partial", values="offset"))
-            manifest = bundle_mod.LayerBundle(run.job_id, base.to_dict(), self.s._entries(run, model))
-            res = await transfer.send_bundle(io, manifest, self.s.store, items, rate=self.s.faults.rate,
-                                             faults=self.s.faults, ctx={"hop": base.hop, "job": run.job_id})
+            offer = decode_lane_offer(f) if cert is not None else None
+            items = transfer.plan_send(entries, held, _hash_map(f, "partial", values="offset"))
+            manifest = bundle_mod.LayerBundle(run.job_id, base.to_dict(), entries)
+            ctx = {"hop": base.hop, "job": run.job_id}
+            planned = sum(it.entry.size - it.offset for it in items)
+            path: dict[str, Any] = {"path": "libp2p"}
+            if offer is not None and cert is not None and planned > 0 and planned >= s._lane_threshold():
+
+                async def this_stream() -> host_mod.StreamIO:
+                    return io  # the fallback: the bundle follows upload_ok on this stream, as without a lane
+
+                res = await lane_mod.send_over_lane(s._lane_hosts(coord, lane_mod.remote_host(io)), offer, cert,
+                                                    manifest, s.store, items, counters=s.counters,
+                                                    fallback=this_stream, peer=coord, rate=s.faults.rate,
+                                                    faults=s.faults, ctx=ctx)
+                path = {"path": res["path"], **({"fallback": res["fallback"]} if res.get("fallback") else {})}
+            else:
+                res = await transfer.send_bundle(io, manifest, s.store, items, rate=s.faults.rate, faults=s.faults,
+                                                 ctx=ctx)
         finally:
             await io.close()
-        self.s._record(run, "handoff", base, bytes={"bundle_out": int(res["bytes"])}, t_handoff=time.time(),
-                       detail={"upload": True, "to": coord})
-        log.info("uploaded", job=run.job_id, hop=base.hop, bytes=res["bytes"], layers=len(items))
+        s._record(run, "handoff", base, bytes={"bundle_out": int(res["bytes"])}, t_handoff=time.time(),
+                  detail={"upload": True, "to": coord, **path})
+        log.info("uploaded", job=run.job_id, hop=base.hop, bytes=res["bytes"], layers=len(items), **path)
 
     # --- coordinator side ----------------------------------------------------------------------------
     async def serve(self, io: host_mod.StreamIO) -> None:
@@ -146,6 +198,7 @@ class CS:
         job_id = f.str("job_id", 16, pattern=wire.JOB_ID_RE)
         base = _state(f)
         layers = _hash_map(f, "layers")
+        cert = decode_lane_cert(f)
         test = {k: float(v) for k, v in (f.raw("test", required=False) or {}).items()
                 if isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)}
         run = self.s.jobs.get(job_id)
@@ -161,15 +214,82 @@ class CS:
         held = sorted(h for h in set(layers.values()) if self.s.store.has(h))
         partial = {h: self.s.store.partial_offset(h) for h in set(layers.values()) - set(held)
                    if self.s.store.partial_offset(h) > 0}
-        await io.write_frame({"t": "upload_ok", "held": held, "partial": partial})
-        kind, g = await io.read_frame(limit=bundle_mod.MAX_MANIFEST_BYTES + 64 * 1024)
+        upload = _Upload(run, b, base, layers, test)
+        lane = self.s.d.lane
+        if cert is None or lane is None:
+            await io.write_frame({"t": "upload_ok", "held": held, "partial": partial})
+            kind, g = await io.read_frame(limit=_BUNDLE_FRAME_LIMIT)
+            await self._take_upload(io, kind, g, upload, "libp2p")
+            return
+
+        # The fast bulk lane, with this node as the receiver: the offer is bound to the Noise-authenticated
+        # uploader and to the certificate of its `upload.lane`. The bundle then comes either over the lane or,
+        # when the node could not set the lane up (or has too little to send), on this stream.
+        async def over_lane(lio: lane_mod.LaneIO) -> None:
+            if not upload.choose("lane"):
+                raise wire.WireError("this upload already came on the libp2p stream", "unexpected")
+            try:
+                kind, g = await lio.read_frame(limit=_BUNDLE_FRAME_LIMIT)
+                await self._take_upload(lio, kind, g, upload, "lane")
+            finally:
+                upload.done.set()
+
+        offer = lane.expect(io.peer, cert, over_lane, advertise_port=self.s.cfg.lane_announce_port or None)
+        try:
+            await io.write_frame({"t": "upload_ok", "held": held, "partial": partial, "lane": offer.to_wire()})
+            got = await self._stream_or_lane(io, upload)
+        finally:
+            lane.cancel(offer.lane_id)  # used, or the bundle came on the stream
+        if got is None:
+            await upload.done.wait()  # the lane handler has its own timeouts, counters and error frames
+            return
+        await self._take_upload(io, *got, upload, "libp2p")
+
+    async def _stream_or_lane(self, io: host_mod.StreamIO, upload: _Upload) -> tuple[str, wire.Fields] | None:
+        """After an `upload_ok` with a lane offer: the `bundle` frame when it comes on the stream (the node did
+        not use the lane), None when the node's lane connection authenticated first."""
+        got: tuple[str, wire.Fields] | None = None
+        async with trio.open_nursery() as nursery:
+
+            async def stream() -> None:
+                nonlocal got
+                try:
+                    # The node tries the lane first: connect + TLS + hello may take their timeouts.
+                    frame = await io.read_frame(limit=_BUNDLE_FRAME_LIMIT, timeout=UPLOAD_CHOICE_S)
+                except (wire.WireError, trio.TooSlowError):
+                    # The stream ended or stayed silent: fine if the bundle is on the lane.
+                    with trio.move_on_after(1.0):
+                        await upload.chosen.wait()
+                    if upload.via != "lane":
+                        raise
+                else:
+                    if upload.choose("libp2p"):
+                        got = frame
+                    elif upload.via == "lane":
+                        raise wire.WireError("this upload is already coming over the lane", "unexpected")
+                nursery.cancel_scope.cancel()
+
+            async def lane() -> None:
+                await upload.chosen.wait()
+                if upload.via == "lane":
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(stream)
+            nursery.start_soon(lane)
+        return got
+
+    async def _take_upload(self, io: host_mod.StreamIO | lane_mod.LaneIO, kind: str, g: wire.Fields,
+                           upload: _Upload, path: str) -> None:
+        """The bundle of an accepted upload, from the stream or the lane: the same checks either way."""
+        run, b, base, layers = upload.run, upload.baton, upload.base, upload.layers
+        job_id = run.job_id
         if kind != "bundle":
             raise wire.WireError(f"expected bundle, got {kind!r}", "unexpected")
         try:
             incoming = transfer.decode_incoming(g)
             if {e.name: e.hash for e in incoming.manifest.layers} != layers:
                 raise transfer.TransferError("the bundle's manifest differs from the upload", "unexpected")
-            received = await transfer.receive_layers(io, incoming, run.schema, self.s.store, faults=self.s.faults,
+            received = await lane_mod.receive_layers(io, incoming, run.schema, self.s.store, faults=self.s.faults,
                                                      ctx={"hop": base.hop, "job": job_id})
         except transfer.TransferError as exc:
             raise wire.WireError(str(exc), exc.kind) from None
@@ -185,10 +305,11 @@ class CS:
             run.observe(base.claim)
             run.save_checkpoint()
         await io.write_frame({"t": "ack", "job_id": job_id, "hop": base.hop, "bytes": received})
-        self.s._record(run, "committed", base, bytes={"bundle_in": received}, detail={"upload": True, "frm": io.peer})
-        log.info("upload_received", job=job_id, hop=base.hop, frm=io.peer, bytes=received)
+        self.s._record(run, "committed", base, bytes={"bundle_in": received},
+                       detail={"upload": True, "frm": io.peer, "path": path})
+        log.info("upload_received", job=job_id, hop=base.hop, frm=io.peer, bytes=received, path=path)
         assert self.s.nursery is not None
-        self.s.nursery.start_soon(self._next, run, base, dict(layers), test)
+        self.s.nursery.start_soon(self._next, run, base, dict(layers), upload.test)
 
     async def _next(self, run: JobRun, base: JobState, model: dict[str, str], test: dict[str, float]) -> None:
         """Plan and assign the next hop, or complete the job."""

@@ -66,6 +66,18 @@ def _lane_field(f: wire.Fields) -> wire.Fields | None:
     return g if g.int("v", 0, 2**31) == lane_mod.LANE_VERSION else None
 
 
+def decode_lane_cert(f: wire.Fields) -> bytes | None:
+    """The sender's per-transfer lane certificate (DER) of `propose.lane` / `upload.lane`; None = no lane."""
+    g = _lane_field(f)
+    return None if g is None else lane_mod.decode_propose_field(g)
+
+
+def decode_lane_offer(f: wire.Fields) -> lane_mod.LaneOffer | None:
+    """The receiver's lane offer of `accept.lane` / `upload_ok.lane`; None = no lane (libp2p)."""
+    g = _lane_field(f)
+    return None if g is None else lane_mod.LaneOffer.from_wire(g)
+
+
 # --- negotiate ---------------------------------------------------------------------------------------
 @dataclass
 class Propose:
@@ -89,9 +101,8 @@ class Propose:
         state = _state(f)
         if state.job_id != job_id:
             raise wire.WireError("propose.state is for another job", "malformed")
-        g = _lane_field(f)
         return cls(job_id, f.bytes("job", 64 * 1024), state, f.int("suggested", 1, 100_000),
-                   _hash_map(f, "layers"), None if g is None else lane_mod.decode_propose_field(g))
+                   _hash_map(f, "layers"), decode_lane_cert(f))
 
 
 @dataclass
@@ -117,10 +128,9 @@ class Accept:
         if not isinstance(held, list) or len(held) > MAX_HELD or not all(
                 isinstance(h, str) and wire.HEX64_RE.match(h) for h in held):
             raise wire.WireError("accept.held must be a list of sha256 hex", "malformed")
-        g = _lane_field(f)
         return cls(f.str("job_id", 16, pattern=wire.JOB_ID_RE), f.int("hop"), f.int("attempt"),
                    f.int("size", 1, 100_000), held, _hash_map(f, "partial", values="offset"),
-                   None if g is None else lane_mod.LaneOffer.from_wire(g))
+                   decode_lane_offer(f))
 
 
 @dataclass
