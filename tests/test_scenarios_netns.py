@@ -88,3 +88,28 @@ def test_netns_cleanup_after_the_runner_is_sigkilled(tmp_path: Path) -> None:
 
     wait_for(clean, 30, "the watchdog to remove every namespace, veth and bridge of the killed runner's lab")
     wait_for(lambda: all(gone(p) for p in pids), 10, "the lab's processes to be gone")
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.skipif(not ok, reason=why)
+def test_ctrl_c_stops_the_run_and_removes_the_lab(tmp_path: Path) -> None:
+    out = tmp_path / "r"
+    runner = subprocess.Popen([sys.executable, "-m", "scenarios", "run", "slow-link", "--backend", "netns",
+                               "--report", str(out)], cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state_file = netns.STATE_DIR / f"{runner.pid % 100000}.json"
+    try:
+        state = wait_for(lambda: json.loads(state_file.read_text()) if (out / "run" / "slow" / "node.json").exists()
+                         else None, 120, "the lab and its hosts")
+        runner.send_signal(signal.SIGINT)
+        code = runner.wait(timeout=60)
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+    assert code == 130
+    rep = load_report(out)  # the report is still written, saying why the run stopped
+    assert not rep["ok"] and "interrupted" in rep["error"]
+    # The runner itself tore the lab down before exiting (no watchdog needed).
+    assert not state_file.exists()
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(ns in names for ns in state["namespaces"]), names
