@@ -46,6 +46,12 @@ class TransferError(Exception):
 class SendItem:
     entry: bundle_mod.LayerEntry
     offset: int = 0
+    pack: int | None = None  # bf16-packed from byte 0: the blob's data start (bundle.bf16_data_start)
+
+
+def _bf16_start(path: str) -> int | None:
+    with open(path, "rb") as fh:
+        return bundle_mod.bf16_data_start(fh.read())
 
 
 async def _throttle(t0: float, sent: int, rate: float | None) -> None:
@@ -58,12 +64,18 @@ async def _throttle(t0: float, sent: int, rate: float | None) -> None:
 async def send_bundle(io: StreamIO, manifest: bundle_mod.LayerBundle, store: LayerStore, items: list[SendItem],
                       *, rate: float | None = None, faults: Faults | None = None,
                       ctx: Mapping[str, Any] | None = None,
-                      on_progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Send the manifest and the listed layers; returns the receiver's ack fields."""
+                      on_progress: Callable[[int], None] | None = None, pack_bf16: bool = False) -> dict[str, Any]:
+    """Send the manifest and the listed layers; returns the receiver's ack fields. With `pack_bf16` (a job
+    with transfer_dtype = "bf16"), layers sent whole whose values are all bfloat16 travel packed."""
+    for it in items:
+        it.pack = None
+        if pack_bf16 and it.offset == 0:
+            it.pack = await trio.to_thread.run_sync(_bf16_start, str(store.path(it.entry.hash)))
     await io.write_frame({
         "t": "bundle",
         "manifest": manifest.encode(),
-        "send": [{"name": it.entry.name, "hash": it.entry.hash, "offset": it.offset} for it in items],
+        "send": [{"name": it.entry.name, "hash": it.entry.hash, "offset": it.offset,
+                  **({"pack": "bf16"} if it.pack is not None else {})} for it in items],
     })
     t0 = time.monotonic()
     sent = 0
@@ -73,11 +85,16 @@ async def send_bundle(io: StreamIO, manifest: bundle_mod.LayerBundle, store: Lay
             fh.seek(it.offset)
             remaining = it.entry.size - it.offset
             while remaining > 0:
-                chunk = fh.read(min(CHUNK, remaining))
-                if not chunk:
+                n = min(CHUNK, remaining)
+                if it.pack is not None and fh.tell() < it.pack:
+                    n = min(n, it.pack - fh.tell())     # a packed layer's header goes as is, then whole words
+                chunk = fh.read(n)
+                if len(chunk) != n:
                     raise TransferError(f"layer {it.entry.name} is shorter on disk than its size", "store_corrupt")
-                await io.write(chunk)
                 remaining -= len(chunk)
+                if it.pack is not None and fh.tell() > it.pack:
+                    chunk = bundle_mod.pack_bf16(chunk)
+                await io.write(chunk)
                 sent += len(chunk)
                 if on_progress is not None:
                     on_progress(sent)
@@ -100,6 +117,7 @@ class Incoming:
 
     @property
     def bytes_expected(self) -> int:
+        """Layer bytes to receive (a packed layer's restored size: its data start is not known yet)."""
         return sum(it.entry.size - it.offset for it in self.send)
 
 
@@ -124,7 +142,11 @@ def decode_incoming(f: wire.Fields, max_layers: int = bundle_mod.MAX_LAYERS) -> 
             raise TransferError(f"send[{i}] names {name!r}, which the manifest does not list (or twice)",
                                 "unknown_layer")
         seen.add(name)
-        items.append(SendItem(entry, g.int("offset", 0, entry.size)))
+        offset = g.int("offset", 0, entry.size)
+        pack = g.str("pack", 8, required=False)
+        if pack not in ("", "bf16") or (pack and offset):
+            raise TransferError(f"send[{i}]: pack must be 'bf16', for a layer sent from byte 0", "malformed")
+        items.append(SendItem(entry, offset, 0 if pack else None))
     return Incoming(manifest, items)
 
 
@@ -165,11 +187,29 @@ async def receive_layers(io: StreamIO, incoming: Incoming, schema: Mapping[str, 
                 raise TransferError(f"layer {entry.name!r}: sender resumes at byte {it.offset}, we hold "
                                     f"{part.offset}", "offset_mismatch")
             remaining = entry.size - it.offset
+            if it.pack is not None:
+                head = await io.read_exact(8)
+                hlen = int.from_bytes(head, "little")
+                if hlen > min(entry.size - 8, bundle_mod.MAX_HEADER_BYTES) or (entry.size - 8 - hlen) % 4:
+                    raise TransferError(f"layer {entry.name!r}: a bf16-packed blob needs a header within the "
+                                        "layer and a data section of whole 32-bit words", "malformed")
+                head += await io.read_exact(hlen)
+                part.write(head)
+                remaining -= len(head)
+                received += len(head)
             while remaining > 0:
-                chunk = await io.read_some(min(CHUNK, remaining))
+                if it.pack is None:
+                    chunk = await io.read_some(min(CHUNK, remaining))
+                    wire_n = len(chunk)
+                else:   # whole words: `remaining` stays a multiple of 4
+                    half = await io.read_some(min(CHUNK, remaining) // 2)
+                    if len(half) % 2:
+                        half += await io.read_exact(1)
+                    wire_n = len(half)
+                    chunk = bundle_mod.unpack_bf16(half)
                 part.write(chunk)
                 remaining -= len(chunk)
-                received += len(chunk)
+                received += wire_n
                 elapsed = time.monotonic() - t0
                 if elapsed > MIN_RATE_GRACE_S and received / elapsed < MIN_RATE_B_S:
                     raise TransferError(f"sender too slow: {received} bytes in {elapsed:.0f} s (minimum "

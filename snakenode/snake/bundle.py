@@ -261,6 +261,39 @@ def layer_entry(name: str, blob: bytes) -> LayerEntry:
                       {k: {"dtype": t.dtype, "shape": list(t.shape)} for k, t in sorted(h.tensors.items())})
 
 
+# --- bf16 transfer (job key transfer_dtype = "bf16") --------------------------------------------------
+# A bf16 job rounds every trained layer to bfloat16 values at the end of its hop (the worker trains in fp32)
+# but keeps storing it as F32, so versions, schemas and checks do not change. Such a blob travels packed:
+# its header as is, then only the high 16 bits of every 32-bit word of the data section (the low halves
+# are zero). The receiver restores the exact F32 bytes and verifies their sha256 as for any layer.
+
+
+def bf16_data_start(blob: bytes | memoryview) -> int | None:
+    """Where the data section starts when `blob` can travel packed without loss (every tensor F32, every
+    word's low 16 bits zero); None when it cannot."""
+    try:
+        h = parse_header(blob)
+    except BundleError:
+        return None
+    if not h.tensors or any(t.dtype != "F32" for t in h.tensors.values()) or h.data_len % 4:
+        return None
+    words = np.frombuffer(memoryview(blob)[h.data_start:h.data_start + h.data_len], dtype="<u2")
+    return None if words[0::2].any() else h.data_start
+
+
+def pack_bf16(data: bytes | memoryview) -> bytes:
+    """The high halves of the little-endian 32-bit words of `data` (len(data) % 4 == 0)."""
+    return np.frombuffer(data, dtype="<u2")[1::2].tobytes()
+
+
+def unpack_bf16(packed: bytes | memoryview) -> bytes:
+    """Inverse of pack_bf16 (len(packed) % 2 == 0)."""
+    hi = np.frombuffer(packed, dtype="<u2")
+    out = np.zeros(2 * len(hi), dtype="<u2")
+    out[1::2] = hi
+    return out.tobytes()
+
+
 def check_finite(blob: bytes | memoryview, header: Header, layer: str | None = None) -> None:
     mv = memoryview(blob)
     for name, t in header.tensors.items():

@@ -928,7 +928,8 @@ class Snake:
             else:
                 io = await host_mod.open_stream(self.svc.host, cand, wire.PROTO_BUNDLE, self.counters, "bundle")
                 res = await transfer.send_bundle(io, manifest, self.store, items, rate=self.faults.rate,
-                                                 faults=self.faults, ctx=ctx)
+                                                 faults=self.faults, ctx=ctx,
+                                                 pack_bf16=run.spec.get("transfer_dtype") == "bf16")
             log.info("bundle_sent", job=run.job_id, hop=proposal.hop, to=cand, layers=len(items),
                      bytes=res["bytes"], seconds=round(res["seconds"], 3), **path)
             return True, int(res["bytes"]), path

@@ -487,6 +487,15 @@ class Engine:
             for p in params:
                 p.grad = None                                  # grads are not kept between hops
             del opt, teacher
+            if job.get("transfer_dtype") == "bf16":
+                # The job moves its model in bf16 (bundle.bf16_data_start): the trained layers take their
+                # nearest bfloat16 values here, in place, so the hashes name exactly what travels and what
+                # this worker keeps in memory.
+                with torch.no_grad():
+                    for name in trainable:
+                        for v in model.layer_state(name).values():
+                            if v.dtype == torch.float32:
+                                v.copy_(v.to(torch.bfloat16).to(torch.float32))
             after = self._eval(model, val_b, eval_batch) if evaluate else skipped
 
             new_state = dict(state)
