@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -170,8 +171,34 @@ class HopArchive:
         self.models: dict[tuple[int, int, str], dict[str, str]] = {}
         self.missing: list[str] = []
         self._mtimes: dict[str, float] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, period_s: float = 0.05) -> HopArchive:
+        """Poll in a thread of its own: a hop on a small model can finish and be released in ~0.3 s, and a
+        finished checkpoint lasts only until the baton is released (one stat per node per tick)."""
+        def loop() -> None:
+            while not self._stop.wait(period_s):
+                try:
+                    self.poll()
+                except Exception:  # noqa: BLE001, S110 - a torn read is retried on the next tick
+                    pass
+        self._thread = threading.Thread(target=loop, name="hop-archive", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        self.poll()
 
     def poll(self) -> None:
+        with self._lock:
+            self._poll()
+
+    def _poll(self) -> None:
         if self.job_id is None:
             return
         for h in self.net.daemons:

@@ -42,7 +42,7 @@ from snakenode.snake import job as job_mod
 
 TARGET = 0.85
 SETTLE_S = 3.0           # after the last node is known, before idle counting: the join burst is not idle
-SYSTEMS = ("snake-p2p", "snake-cs", "flower-fedavg")
+SYSTEMS = ("snake-p2p", "snake-p2p-bf16", "snake-cs", "flower-fedavg")
 NOT_RUN = {
     "flower-cyclic": "not run: optional, and Flower 1.41 ships a cyclic strategy only for XGBoost "
                      "(FedXgbCyclic), not for PyTorch models",
@@ -70,9 +70,12 @@ class Task:
 LARGER = Task(name="cnn-mnist5k", dataset="mnist5k", model="cnn", model_args={}, target=0.85, budget=10)
 
 
-def snake_spec(task: Task) -> dict[str, Any]:
-    """The job: FedAvg's local settings; window, KD, lap and routing keys at the product's defaults."""
+def snake_spec(task: Task, transfer_dtype: str = "fp32") -> dict[str, Any]:
+    """The job: FedAvg's local settings; window, KD, lap and routing keys at the product's defaults. The
+    `snake-p2p-bf16` system sets the job's opt-in `transfer_dtype = "bf16"` (trained layers rounded to
+    bfloat16 at the end of each hop and moved in half the bytes); the others keep the default fp32."""
     return job_mod.validate_spec({
+        "transfer_dtype": transfer_dtype,
         "name": f"vs-flower-{task.name}", "model": task.model, "model_args": dict(task.model_args),
         "dataset": task.dataset, "mode": "p2p", "laps": task.budget, "target_metric": 0.0,
         "seed": task.model_seed,
@@ -153,17 +156,18 @@ def summarize(curve: list[dict[str, Any]], s0: benchlab.Sample, s_end: benchlab.
 # ---------------------------------------------------------------------------------------------- systems
 
 
-def run_snake(task: Task, out: Path, idle_s: float, timeout: float, cs: bool = False) -> dict[str, Any]:
+def run_snake(task: Task, out: Path, idle_s: float, timeout: float, cs: bool = False, bf16: bool = False
+              ) -> dict[str, Any]:
     """snake-p2p, or with `cs` snake-cs: the same nodes plus a coordinator peer on a host of its own that
     plans every hop and relays every bundle (the job is submitted on the coordinator)."""
     from snakeflower import task as ft
 
-    name = "snake-cs" if cs else "snake-p2p"
+    name = "snake-cs" if cs else "snake-p2p-bf16" if bf16 else "snake-p2p"
     root = out / f"{name}-{task.name}"
     shutil.rmtree(root, ignore_errors=True)
     nodes = [f"n{i}" for i in range(task.hosts)]
     hosts = ["boot", *(["coord"] if cs else []), *nodes]
-    spec = snake_spec(task)
+    spec = snake_spec(task, "bf16" if bf16 else "fp32")
     with benchlab.cluster(root, hosts) as c:
         net = snakerun.SnakeNet(c, f"vsf{os.getpid() % 100000}", nodes, coordinator="coord" if cs else None)
         log(f"{name}: starting a bootstrap peer{', a coordinator' if cs else ''} and {len(nodes)} nodes "
@@ -173,8 +177,8 @@ def run_snake(task: Task, out: Path, idle_s: float, timeout: float, cs: bool = F
         log(f"{name}: every node knows every other node's profile ({conv:.1f} s); idle for {idle_s:g} s")
         idle = idle_rate(c, hosts, len(nodes), idle_s)
         idle_rss = {h: round(benchlab.tree_rss_mb(p), 1) for h, p in net.pids().items()}
-        archive = snakerun.HopArchive(net, root / "archive")
-        with Sampler(c.lab, hosts, net.pids, 0.2, hooks=[archive.poll]) as sampler:
+        archive = snakerun.HopArchive(net, root / "archive").start()
+        with Sampler(c.lab, hosts, net.pids, 0.2) as sampler:
             app0 = app_bytes(net)
             s0 = sampler.take()
             job_id = net.submit(spec)
@@ -183,7 +187,7 @@ def run_snake(task: Task, out: Path, idle_s: float, timeout: float, cs: bool = F
             detail = net.wait_complete(job_id, timeout)
             s_end = sampler.take()
             app1 = app_bytes(net)
-            archive.poll()
+            archive.stop()
         records = net.own_records(job_id)
         gossip_view = {(r["event"], r["hop"], r["attempt"]) for r in detail["records"]}
         (root / "records.json").write_text(json.dumps(records, indent=1, default=str))
@@ -314,8 +318,9 @@ def run_task(task: Task, systems: list[str], out: Path, bin_dir: Path | None, id
              timeout: float) -> dict[str, Any]:
     res: dict[str, Any] = {"task": asdict(task), "target_accuracy": task.target, "systems": {}}
     for name in systems:
-        if name in ("snake-p2p", "snake-cs"):
-            res["systems"][name] = run_snake(task, out, idle_s, timeout, cs=name == "snake-cs")
+        if name in ("snake-p2p", "snake-p2p-bf16", "snake-cs"):
+            res["systems"][name] = run_snake(task, out, idle_s, timeout, cs=name == "snake-cs",
+                                             bf16=name == "snake-p2p-bf16")
         elif name == "flower-fedavg":
             assert bin_dir is not None
             res["systems"][name] = run_flower(task, out, bin_dir, idle_s, timeout)
@@ -325,6 +330,8 @@ def run_task(task: Task, systems: list[str], out: Path, bin_dir: Path | None, id
     res["comparison"] = compare(res["systems"])
     if "snake-cs" in res["systems"]:
         res["comparison_cs"] = compare(res["systems"], "snake-cs")
+    if "snake-p2p-bf16" in res["systems"]:
+        res["comparison_bf16"] = compare(res["systems"], "snake-p2p-bf16")
     return res
 
 
