@@ -106,13 +106,20 @@ def peak_rss_mb() -> float:
     return 0.0
 
 
-def tune_malloc(mmap_threshold: int = 1024 * 1024) -> None:
+def tune_malloc(mmap_threshold: int = 256 * 1024) -> None:
     """glibc raises its mmap threshold dynamically, after which freed multi-MB tensors stay in the heap
-    and RSS only grows. A fixed threshold returns big blocks to the OS at free; at 4 MB it costs no
-    measurable speed (the dequantisation scratch buffer avoids re-allocating weight chunks)."""
+    and RSS only grows. A fixed threshold returns big blocks to the OS at free.
+
+    The threshold sits below an LM's per-token-row activations (SmolLM2 at 256 tokens: 256 x 576 fp32 =
+    576 KB): heap-allocated activations that outlive the temporaries around them (checkpoint inputs,
+    the window's saved tensors) otherwise leave holes the next layer cannot reuse, and the heap grows by
+    ~5 MB per layer per pass. Measured on a SmolLM2-135M one-block hop (batch 1 x 256): peak 391-396 MB at
+    1 MB, 263 MB at 256 KB, 262 MB at 128 KB, for ~20% more step time (page faults of fresh mappings;
+    2.1 -> 2.6 s). Capping glibc's arenas (M_ARENA_MAX=2) gave 311 MB at 1 MB and nothing more at 256 KB.
+    SNAKENODE_MMAP_THRESHOLD overrides (bytes; 0 = glibc's dynamic default) to trade memory for speed."""
     env = os.environ.get("SNAKENODE_MMAP_THRESHOLD")
     if env is not None:
-        mmap_threshold = int(env)                      # 0 = leave glibc's dynamic default
+        mmap_threshold = int(env)
     if mmap_threshold <= 0:
         return
     try:
@@ -169,19 +176,25 @@ class Tokenizer:
 
     def __init__(self, model: M.LayeredModel) -> None:
         self.hf = None
-        self.name = "bytes"
+        self.name = self.name_for(model)
         self.eos: int | None = None
-        if isinstance(model, M.CausalLM) and model.src.path is not None:
-            p = Path(model.src.path)
-            if (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file():
-                import transformers
+        if self.name != "bytes":
+            import transformers
 
-                self.hf = transformers.AutoTokenizer.from_pretrained(str(p))
-                self.name = f"hf:{p}"
-                self.eos = self.hf.eos_token_id
+            self.hf = transformers.AutoTokenizer.from_pretrained(self.name[3:])
+            self.eos = self.hf.eos_token_id
         if self.hf is None and isinstance(model, M.CausalLM) and model.vocab_size < 256:
             raise EngineError("bad_job", f"the byte-level tokenizer needs vocab_size >= 256, model has "
                                          f"{model.vocab_size}")
+
+    @staticmethod
+    def name_for(model: M.LayeredModel) -> str:
+        """The tokenizer's name (`hf:DIR` or `bytes`) without loading it."""
+        if isinstance(model, M.CausalLM) and model.src.path is not None:
+            p = Path(model.src.path)
+            if (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file():
+                return f"hf:{p}"
+        return "bytes"
 
     def encode(self, text: str) -> np.ndarray:
         if self.hf is None:
@@ -304,10 +317,7 @@ class Engine:
     # ------------------------------------------------------------------------------ data
     def _batches(self, lo: Loaded, spec: D.DataSpec, split: str, cfg: TrainConfig) -> Batches:
         model = lo.model
-        tok_name = ""
-        if model.task == "lm":
-            tk = self._tokenizer(model)
-            tok_name = tk.name
+        tok_name = Tokenizer.name_for(model) if model.task == "lm" else ""
         key = (spec, split, model.task, tok_name, cfg.seq_len if model.task == "lm" else 0)
         if key in self._data_cache:
             return self._data_cache[key]
@@ -330,6 +340,13 @@ class Engine:
             self._data_cache.clear()
         self._data_cache[key] = b
         return b
+
+    def _release_tokenizers(self) -> None:
+        """Drop loaded tokenizers once a hop's batches exist: a 49k BPE holds ~20 MB for the rest of the
+        hop otherwise. Token windows stay cached, so a tokenizer is reloaded only for new data."""
+        if self._tok_cache:
+            self._tok_cache.clear()
+            trim_malloc()
 
     def _tokenizer(self, model: M.LayeredModel) -> Tokenizer:
         k = getattr(getattr(model, "src", None), "path", None) or "bytes"
@@ -381,6 +398,7 @@ class Engine:
         spec = self._data_spec(data)
         lo = self._ensure(job, state, set(), cfg.frozen_dtype, keep_modes=True)
         b = self._batches(lo, spec, split, cfg)
+        self._release_tokenizers()
         return self._eval(lo.model, b, max(cfg.batch, 64) if b.task != "lm" else cfg.micro)
 
     @staticmethod
@@ -422,6 +440,7 @@ class Engine:
         try:
             train_b = self._batches(lo, spec, "train", cfg)
             val_b = self._batches(lo, spec, "val", cfg)
+            self._release_tokenizers()
             eval_batch = max(cfg.batch, 64) if model.task != "lm" else cfg.micro
             skipped = {"loss": None, "samples": 0}
             before = self._eval(model, val_b, eval_batch) if evaluate else skipped
