@@ -9,8 +9,9 @@ copy of the window), frozen suffix checkpointed, LM micro-batches of 1 sequence;
 opt-1.3b-arch full fine-tuning is computed analytically (params x 16 B: fp32 weights + grads + 2 Adam
 moments, which is exactly the paper's 19.37 GB), never run.
 Parts next to the total: weights (trainable fp32 + frozen at their precision), grads, optimizer state and
-the KD teacher are computed from parameter counts; "act+other" is the rest of the measured peak
-(activations, loss chunks, data, allocator overhead).
+the KD teacher are computed from parameter counts; "code" is the growth of file-backed resident pages
+(library code first run during the hop); "act+other" is the rest of the measured peak (activations, loss
+slices, data, allocator overhead). Both modes run with the worker's malloc settings (`tune_malloc`).
 
     python benchmarks/memory.py [--quick] [--json PATH] [--only smollm2-135m@1,vgg11@64]
 """
@@ -61,6 +62,15 @@ def job_for(model: str, batch: int, mode: str, steps: int) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- child processes
 
 
+def rss_file_mb() -> float:
+    """File-backed resident memory (code and data pages of the loaded libraries)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def child_init(model: str, store: str, out: str) -> None:
     from snakenode.snake.store import LayerStore
     from snakenode.train.engine import Engine, tune_malloc
@@ -96,10 +106,11 @@ def child_run(model: str, batch: int, mode: str, store: str, state_file: str, ou
     from snakenode.train import data as D
 
     D.stats(D.DataSpec.from_dict(data_for(model)))          # data statistics are the daemon's, not the hop's
-    base = E.rss_mb()
+    base, base_file = E.rss_mb(), rss_file_mb()
     t0 = time.monotonic()
     res = eng.train_hop(job, state, window, stem, head, data_for(model), None, None, None, evaluate=False)
     peak = E.peak_rss_mb() - base
+    code = max(0.0, rss_file_mb() - base_file)         # library pages first touched in the hop (file-backed)
     model_obj = eng.loaded.model if eng.loaded else None
     trainable = frozen = 0
     if model_obj is not None:
@@ -118,6 +129,7 @@ def child_run(model: str, batch: int, mode: str, store: str, state_file: str, ou
     kd_on = bool(res["kd"]["on"])
     parts = {"weights": (trainable * 4 + frozen * fb) / MiB, "grads": trainable * 4 / MiB,
              "optimizer": trainable * 8 / MiB, "teacher": (trainable * fb if kd_on else 0) / MiB}
+    parts["code"] = code
     parts["act+other"] = peak - sum(parts.values())
     Path(out).write_text(json.dumps({"peak_mb": peak, "base_mb": base, "parts": parts, "trainable": trainable,
                                      "frozen": frozen, "kd": kd_on, "steps": res["steps"],
@@ -166,9 +178,11 @@ def main() -> int:
         todo = [c for c in todo if f"{c[0]}@{c[1]}" in keep]
     tmp = Path(tempfile.mkdtemp(prefix="snakenode-bench-"))
     store = a.store or str(tmp / "store")
-    results: dict[str, Any] = {"full_mb": {}, "snake_hop_mb": {}, "ratio": {}, "parts": {}, "runs": {},
+    results: dict[str, Any] = {"full_mb": {}, "snake_hop_mb": {}, "ratio": {}, "parts": {}, "full_parts": {}, "runs": {},
                                "meta": {"quick": a.quick, "frozen_dtype": FROZEN, "steps": steps,
-                                        "threads": os.cpu_count(), "seq_len": 256}}
+                                        "threads": os.cpu_count(), "seq_len": 256,
+                                        "mmap_threshold": os.environ.get("SNAKENODE_MMAP_THRESHOLD",
+                                                                         "engine default (256 KiB)")}}
     try:
         inits: dict[str, str] = {}
         for model, batch in todo:
@@ -188,6 +202,7 @@ def main() -> int:
                 print(f"[{key}] {mode}: {r['peak_mb']:.0f} MB in {time.monotonic() - t0:.0f}s", file=sys.stderr)
                 if mode == "full":
                     results["full_mb"][key] = round(r["peak_mb"], 1)
+                    results["full_parts"][key] = {k: round(v, 1) for k, v in r["parts"].items()}
                 else:
                     results["snake_hop_mb"][key] = round(r["peak_mb"], 1)
                     results["parts"][key] = {k: round(v, 1) for k, v in r["parts"].items()}
@@ -209,7 +224,7 @@ def main() -> int:
 
 def print_table(r: dict[str, Any]) -> None:
     hdr = (f"{'config':<20} {'full MB':>9} {'snake MB':>9} {'ratio':>6} | {'weights':>8} {'grads':>7} "
-           f"{'optim':>7} {'teacher':>8} {'act+other':>9}")
+           f"{'optim':>7} {'teacher':>8} {'code':>6} {'act+other':>9}")
     print(hdr)
     print("-" * len(hdr))
     for key in r["snake_hop_mb"] | r["full_mb"]:
@@ -219,7 +234,8 @@ def print_table(r: dict[str, Any]) -> None:
         ratio = r["ratio"].get(key)
         print(f"{key:<20} {full if full is not None else '-':>9} {snake if snake is not None else '-':>9} "
               f"{ratio if ratio is not None else '-':>6} | {p.get('weights', '-'):>8} {p.get('grads', '-'):>7} "
-              f"{p.get('optimizer', '-'):>7} {p.get('teacher', '-'):>8} {p.get('act+other', '-'):>9}")
+              f"{p.get('optimizer', '-'):>7} {p.get('teacher', '-'):>8} {p.get('code', '-'):>6} "
+              f"{p.get('act+other', '-'):>9}")
     print("paper: 19.37 GB -> 3.13 GB (6.2x) for a 1.3B LLM; opt-1.3b-arch full is analytic (params x 16 B)")
 
 
