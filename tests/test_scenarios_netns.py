@@ -1,5 +1,6 @@
 """Issue 6 on network namespaces: partition-heal (split 3|3, heal, one lineage survives), a polite refusal
-without root, and no namespace, veth, bridge or node left behind after the runner is SIGKILLed."""
+without root, and no namespace, veth, bridge or node left behind after the runner is SIGKILLed or
+interrupted (Ctrl-C)."""
 
 from __future__ import annotations
 
