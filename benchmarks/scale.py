@@ -142,6 +142,8 @@ def run_size(n: int, out: Path, window_s: float, job_timeout: float) -> dict[str
 
 
 def fit(sizes: list[int], ys: list[float]) -> dict[str, Any]:
+    if not sizes:   # no N converged: nothing to fit (the JSON still records the failures)
+        return {"c_max": None, "c_lsq": None, "growth_exponent": None}
     return {"c_max": round(max(y / x for x, y in zip(sizes, ys, strict=True)), 1),
             "c_lsq": round(benchlab.linear_fit_through_origin([float(s) for s in sizes], ys), 1),
             "growth_exponent": round(benchlab.loglog_slope([float(s) for s in sizes], ys), 3)}
@@ -188,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
                   ("gossip_bytes_per_min_per_node", "ping_bytes_per_min_per_node", "wire_bytes_per_min_per_node")}
     g = doc["fit"]["gossip_bytes_per_min_per_node"]
     doc["target"] = {"gossip_per_node_at_most_c_times_n": {"c": g["c_max"], "growth_exponent": g["growth_exponent"],
-                                                           "met": g["growth_exponent"] <= 1.1}}
+                                                           "met": g["growth_exponent"] is not None
+                                                           and g["growth_exponent"] <= 1.1}}
     benchlab.write_json(args.json, doc)
     return 0
 
