@@ -206,6 +206,17 @@ def test_relative_change() -> None:
         B.relative_change(B.encode_blob(a), B.encode_blob(_layer(0, "blocks.2")), "blocks.1")
 
 
+def test_relative_change_ignores_normalisation_statistics_but_not_weights() -> None:
+    """Measured in an honest CNN hop: running_var 1 -> ~150 per channel while the weights moved 0.6x."""
+    a = {**_layer(0), "blocks.1.bn.running_var": np.ones(4, np.float32),
+         "blocks.1.bn.running_mean": np.zeros(4, np.float32)}
+    honest = {**a, "blocks.1.bn.running_var": np.full(4, 150.0, np.float32),
+              "blocks.1.bn.running_mean": np.full(4, 12.0, np.float32)}
+    assert B.relative_change(B.encode_blob(a), B.encode_blob(honest)) == 0.0
+    poisoned = {**honest, "blocks.1.fc.weight": a["blocks.1.fc.weight"] * 1000}
+    assert B.relative_change(B.encode_blob(a), B.encode_blob(poisoned)) > 100
+
+
 def test_merge_streams_from_files(tmp_path: Path) -> None:
     blob = B.encode_blob(_layer(5))
     buf = io.BytesIO()

@@ -416,9 +416,16 @@ def schema_map(layers: Iterable[LayerEntry | Mapping[str, Any]]) -> dict[str, La
 # ---------------------------------------------------------------------------------------------- poisoning guard
 
 
+# Normalisation statistics are not trained: their scale follows the layer's inputs (a BatchNorm running_var
+# went from 1 to ~150 per channel in one honest CNN hop while its weights moved 0.6x), so they stay out of
+# the change bound; the validation-loss bound still sees what they do to the model.
+STATISTICS_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
+
+
 def relative_change(old_blob: bytes, new_blob: bytes, layer: str | None = None) -> float:
-    """||new - old|| / ||old|| over all float tensors of one layer (float64 accumulation). A layer that
-    moves far more than training could move it in one hop is suspect. 0-norm old layers give inf on change."""
+    """||new - old|| / ||old|| over the trained float tensors of one layer (float64 accumulation; not the
+    normalisation statistics, see STATISTICS_SUFFIXES). A layer that moves far more than training could move
+    it in one hop is suspect. 0-norm old layers give inf on change."""
     old, new = decode_blob(old_blob, layer), decode_blob(new_blob, layer)
     if set(old) != set(new):
         raise ShapeMismatch(layer, "the two blobs hold different tensors")
@@ -427,7 +434,7 @@ def relative_change(old_blob: bytes, new_blob: bytes, layer: str | None = None) 
         a, b = old[k], new[k]
         if a.shape != b.shape or a.dtype != b.dtype:
             raise ShapeMismatch(layer, f"tensor {k!r}: {a.dtype}{a.shape} vs {b.dtype}{b.shape}")
-        if a.dtype.kind != "f":
+        if a.dtype.kind != "f" or k.endswith(STATISTICS_SUFFIXES):
             continue
         a64, b64 = a.astype(np.float64), b.astype(np.float64)
         num += float(np.sum((b64 - a64) ** 2))
