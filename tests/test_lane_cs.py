@@ -4,10 +4,12 @@ A coordinator and two nodes, every daemon with `lane_min_mb = 0` (SNAKENODE_LANE
 takes the lane). Both directions must use it: downloads coordinator -> node (`assign` / `accept.lane`, the
 ordinary bundle exchange) and uploads node -> coordinator (`upload.lane` / `upload_ok.lane`, the coordinator
 as the receiver). The job completes with a valid hop log, nothing falls back, nothing is refused.
+When the coordinator's lane cannot be reached, uploads fall back to the `/snake/cs/1.0.0` stream.
 """
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -40,8 +42,10 @@ def test_cs_downloads_and_uploads_go_over_the_lane(tmp_path: Path) -> None:
         uploads = [r for r in handoffs if (r["detail"] or {}).get("upload")]
         assert len(downloads) == 4 and len(uploads) == 4, [(r["node"][-6:], r["detail"]) for r in handoffs]
         moved = [r for r in downloads if r["bytes"]["bundle_out"] > 0]
-        # Hop 0 may move nothing (the node builds the same initial layers): then there is nothing to put on a lane.
-        assert len(moved) >= 3, downloads
+        # A download moves nothing when the node already holds the model: hop 0 (it builds the same initial
+        # layers) and a lap's first hop given to the node that ended the previous lap. The second hop of each lap
+        # always moves the first hop's window.
+        assert len(moved) >= 2, downloads
         for r in moved:
             assert r["detail"] == {"path": "lane"}, r
         for r in downloads:
@@ -78,3 +82,42 @@ def test_cs_downloads_and_uploads_go_over_the_lane(tmp_path: Path) -> None:
         assert "lane_fallback" not in coord.log_text()
     finally:
         sn.close()
+
+
+@pytest.mark.timeout(60)
+def test_cs_uploads_fall_back_to_the_stream_when_the_coordinators_lane_is_unreachable(tmp_path: Path) -> None:
+    """The coordinator advertises (lane_announce_port) a port that refuses connections: each upload logs
+    `lane_fallback`, counts lane.fallback.connect and goes on the same /snake/cs/1.0.0 stream. (One node:
+    its downloads move nothing, it already holds what it uploaded.)"""
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connecting to it is refused
+    sn = SnakeNet(tmp_path, network="cslanefb", submitter="coord")
+    try:
+        sn.net.env["SNAKENODE_LANE_MIN_MB"] = "0"
+        (sn.net.home("coord") / "snakenode.toml").write_text(f"lane_announce_port = {closed.getsockname()[1]}\n")
+        sn.add_coordinator()
+        sn.add_node("n0", "0/1")
+        sn.wait_ready()
+        job_id = sn.submit(job_toml(laps=2, epochs=1), mode="cs")
+        detail = sn.wait_complete(job_id, 45)
+        records = sn.merged_records(job_id)
+        assert hoplog.validate_log(records, detail["summary"]["blocks"]) == []
+        ids = sn.ids
+        uploads = [r for r in records if r["event"] == "handoff" and (r["detail"] or {}).get("upload")]
+        assert len(uploads) == 2 and all(r["bytes"]["bundle_out"] > 0 for r in uploads), uploads
+        for r in uploads:
+            assert r["detail"] == {"upload": True, "to": ids["coord"], "path": "libp2p", "fallback": "connect"}, r
+        commits = [r for r in records if r["event"] == "committed" and (r["detail"] or {}).get("upload")]
+        assert [r["detail"]["path"] for r in commits] == ["libp2p", "libp2p"], commits
+
+        cn = control(sn.net.home("n0"), "status")["counters"]
+        cc = control(sn.net.home("coord"), "status")["counters"]
+        assert cn.get("lane.fallback.connect") == 2 and sn.nodes["n0"].log_text().count("lane_fallback") == 2
+        assert not cc.get("lane.accepted"), cc
+        assert cc.get("bytes.cs.in", 0) >= sum(r["bytes"]["bundle_out"] for r in uploads)
+        for name, c in (("n0", cn), ("coord", cc)):
+            bad = [k for k in c if k.startswith(("reject.", "error.", "cs.upload."))]
+            assert not bad, (name, {k: c[k] for k in bad})
+    finally:
+        sn.close()
+        closed.close()
