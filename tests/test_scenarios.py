@@ -188,15 +188,6 @@ def test_compose_backend_refuses_clearly_without_an_engine(tmp_path: Path) -> No
     assert not (tmp_path / "r" / "report.json").exists()
 
 
-def test_cs_scenario_is_refused_without_a_coordinator_role(tmp_path: Path) -> None:
-    from scenarios.runner import coordinator_available
-
-    if coordinator_available():
-        pytest.skip("this build has CS mode: cs-coordinator-loss runs under `make test-scenarios`")
-    r = scenarios_cli("run", "cs-coordinator-loss", "--report", str(tmp_path / "r"), timeout=60)
-    assert r.returncode == 3 and "CS mode not available in this build" in r.stderr, r.stderr
-
-
 # ---------------------------------------------------------------------------------------------- real runs
 
 
