@@ -64,11 +64,9 @@ def job_for(model: str, batch: int, mode: str, steps: int) -> dict[str, Any]:
 
 def rss_file_mb() -> float:
     """File-backed resident memory (code and data pages of the loaded libraries)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssFile:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    from snakenode.train.engine import proc_status_mb
+
+    return proc_status_mb("RssFile")
 
 
 def child_init(model: str, store: str, out: str) -> None:

@@ -49,6 +49,17 @@ WATCH_TICK_S = 0.25
 RTT = struct.Struct(">Q")
 
 
+async def _read_ping(stream: INetStream) -> bytes | None:
+    """One whole ping payload, or None when the stream ended first."""
+    got = b""
+    while len(got) < PING_LENGTH:
+        chunk = await stream.read(PING_LENGTH - len(got))
+        if not chunk:
+            return None
+        got += chunk
+    return got
+
+
 class _Notifee(INotifee):
     """Forwards connection events into a trio channel; libp2p calls these from its own tasks."""
 
@@ -175,12 +186,9 @@ class Liveness:
                             stream = await self.host.new_stream(peer, [TProtocol(PING_ID)])
                         payload = secrets.token_bytes(PING_LENGTH - RTT.size) + RTT.pack(last_rtt_us)
                         await stream.write(payload)
-                        got = b""
-                        while len(got) < PING_LENGTH:
-                            chunk = await stream.read(PING_LENGTH - len(got))
-                            if not chunk:
-                                raise EOFError
-                            got += chunk
+                        got = await _read_ping(stream)
+                        if got is None:
+                            raise EOFError
                         ok = got == payload
                 except trio.Cancelled:
                     raise
@@ -229,14 +237,11 @@ class Liveness:
             pid = ""
         try:
             while True:
-                got = b""
                 # A pinger pings every period; a stream idle far longer than that is abandoned.
                 with trio.fail_after(max(30.0, 10 * self.period())):
-                    while len(got) < PING_LENGTH:
-                        chunk = await stream.read(PING_LENGTH - len(got))
-                        if not chunk:
-                            return
-                        got += chunk
+                    got = await _read_ping(stream)
+                if got is None:
+                    return
                 await stream.write(got)
                 now = time.monotonic()
                 self.counters.add("bytes.ping.in", PING_LENGTH)

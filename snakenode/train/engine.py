@@ -90,12 +90,17 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------- memory
 
 
-def rss_mb() -> float:
+def proc_status_mb(field: str = "VmRSS") -> float:
+    """A kB field of /proc/self/status in MB (VmRSS: resident memory; RssFile: its file-backed part)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+def rss_mb() -> float:
+    return proc_status_mb("VmRSS")
 
 
 def peak_rss_mb() -> float:
