@@ -68,10 +68,11 @@ def test_netns_cleanup_after_the_runner_is_sigkilled(tmp_path: Path) -> None:
     try:
         def lab_up() -> dict[str, object] | None:
             state = json.loads(state_file.read_text())
-            node_json = out / "run" / "node6" / "node.json"
-            return state if len(state["namespaces"]) == 7 and node_json.exists() else None
+            # Hosts start concurrently: wait for each node.json the test reads, not for the last one listed.
+            up = all((out / "run" / n / "node.json").exists() for n in ("bootstrap", "node1", "node6"))
+            return state if len(state["namespaces"]) == 7 and up else None
 
-        state = wait_for(lab_up, 120, "the runner's lab with 7 namespaces and its last node up")
+        state = wait_for(lab_up, 120, "the runner's lab with 7 namespaces and its nodes up")
         pids = [int(json.loads((out / "run" / n / "node.json").read_text())["pid"])
                 for n in ("bootstrap", "node1", "node6")]
     finally:
