@@ -37,6 +37,7 @@ from snakenode.net.gossip import Gossip
 from snakenode.net.liveness import Liveness
 from snakenode.net.peers import PeerTable
 from snakenode.snake import bundle as bundle_mod
+from snakenode.snake import custody
 from snakenode.snake import state as st
 from snakenode.snake.job import SIGN_DOMAIN, SignedJob, sign_job
 from snakenode.snake.window import Window, next_window
@@ -261,10 +262,15 @@ def forged_state(job_id: str, blocks: int, victim: str, *, hop: int, lap: int, a
 
 
 def propose(job_id: str, job: bytes, state: st.JobState | dict[str, Any], layers: Mapping[str, str],
-            suggested: int = 1) -> dict[str, Any]:
+            suggested: int = 1, signer: Identity | None = None) -> dict[str, Any]:
+    """A propose frame; with `signer`, carrying the custody link `signer` makes for the state's hand-over
+    (a submitter's for hop 0 is the only one that verifies without a chain behind it)."""
     s = state.to_dict() if isinstance(state, st.JobState) else state
-    return {"t": "propose", "job_id": job_id, "job": job, "state": s, "suggested": suggested,
-            "layers": dict(layers)}
+    msg = {"t": "propose", "job_id": job_id, "job": job, "state": s, "suggested": suggested,
+           "layers": dict(layers)}
+    if signer is not None and isinstance(state, st.JobState):
+        msg["custody"] = [custody.sign(signer, state.parent_lineage, state.hop, state.attempt, state.holder).to_wire()]
+    return msg
 
 
 # ---------------------------------------------------------------------------------------------- bundles

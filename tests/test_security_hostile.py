@@ -17,10 +17,9 @@ gets it a reservation, so the bundle checks behind negotiation (hash, shape, dty
 the model, stale job_state, read rate) can be attacked: a trusted but compromised or buggy peer.
 
 Phase 2 runs after J1 completed (the attacks there would disturb a running job): bad layer bytes, a
-poisoned bundle, a resume command for a finished job, and three attacks on the hop chain's authenticity
-that are accepted today although they should be refused (strict xfails naming the gap: forged completion,
-forged progress, a stranger's hop injection; nothing in the protocol proves that a claimant held the hop
-before, see the issue-7 closing note).
+poisoned bundle, a resume command for a finished job, and three attacks on the hop chain's authenticity —
+a forged completion, forged progress, a stranger's hop injection — each refused because the claimant
+cannot show a chain of signed hand-overs back to the job's submitter (snake/custody.py).
 """
 
 from __future__ import annotations
@@ -438,7 +437,8 @@ async def _reserve(h: Hostile, pid: str, world: World, signed: Any, state_for: A
     deadline = trio.current_time() + timeout
     while True:
         state = state_for()
-        reply = await h.request(pid, wire.PROTO_NEGOTIATE, propose(signed.job_id, signed.encode(), state, {}))
+        reply = await h.request(pid, wire.PROTO_NEGOTIATE, propose(signed.job_id, signed.encode(), state, {},
+                                                                   signer=h.ident))
         if reply.kind == "accept":
             return reply.first, state
         assert reply.kind in ("decline:busy", "decline:not_ready"), (reply.kind, reply.first)
@@ -882,11 +882,6 @@ async def test_poisoned_bundle_is_refused_as_poison_suspect(world: World) -> Non
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, reason="Snake._on_complete accepts a `complete` message for any job from any "
-                                       "gossip author: a higher (lap, hop, attempt) claim replaces the job's "
-                                       "completion record (holder, final model hashes), so `snakenode fetch` "
-                                       "would pull the attacker's model, and a running job's holders are "
-                                       "superseded ('the job completed elsewhere')")
 async def test_forged_completion_is_refused(world: World) -> None:
     await trio.to_thread.run_sync(world.sn.wait_complete, world.job, 150)
     honest = await trio.to_thread.run_sync(job_status, world.victim, world.job)
@@ -899,7 +894,7 @@ async def test_forged_completion_is_refused(world: World) -> None:
             "t": "complete", "job_id": world.job, "hop": 10**6, "attempt": 0, "lap": 99,
             "lineage": os.urandom(32).hex(), "holder": h.peer_id, "model": model, "reason": "laps",
             "test": {"accuracy": 1.0}, "at": time.time()}))
-        await wait_counters(world.victim, before, {"bytes.gossip.jobs.in": 1})
+        await wait_counters(world.victim, before, {"bytes.gossip.jobs.in": 1, "reject.gossip.jobs.custody": 1})
         with trio.move_on_after(3):
             while (await trio.to_thread.run_sync(job_status, world.victim, world.job))["completed"]["holder"] \
                     != h.peer_id:
@@ -910,11 +905,6 @@ async def test_forged_completion_is_refused(world: World) -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, reason="Snake._on_progress_msg takes a hop record from any gossip author "
-                                       "(only node == sender is checked, and the lineage is self-consistent by "
-                                       "construction): a peer that never held the job moves its fencing state "
-                                       "(run.observe -> honest proposals declined as stale, holders "
-                                       "superseded) and what `snakenode jobs` shows")
 async def test_forged_progress_does_not_move_the_job(world: World) -> None:
     await trio.to_thread.run_sync(world.sn.wait_complete, world.job, 150)
     async with Hostile.running(network=NETWORK) as h:
@@ -925,7 +915,8 @@ async def test_forged_progress_does_not_move_the_job(world: World) -> None:
                                 metrics_after={"accuracy": 1.0}, t_train_start=time.time(), t_train_end=time.time())
         before = await acounters(world.victim)
         await h.publish("progress", wire.packb({"t": "progress", "rec": rec}))
-        await wait_counters(world.victim, before, {"bytes.gossip.progress.in": 1})
+        await wait_counters(world.victim, before, {"bytes.gossip.progress.in": 1,
+                                                   "reject.gossip.progress.custody": 1})
         with trio.move_on_after(3):
             while (await trio.to_thread.run_sync(job_status, world.victim, world.job))["holder"] != h.peer_id:
                 await trio.sleep(0.1)
@@ -934,12 +925,6 @@ async def test_forged_progress_does_not_move_the_job(world: World) -> None:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(strict=True, reason="Snake._consider accepts a Propose from any peer for any trusted job "
-                                       "whose job_state is self-consistent: nothing ties the proposer to the "
-                                       "hop before (state.prev_holder, a parent lineage this node has seen, "
-                                       "the submitter for hop 0), so a stranger reserves nodes at will and, "
-                                       "with a bundle of layers the node already holds, makes it hold a "
-                                       "forged hop (here hop 7 of lap 5, out of nowhere)")
 async def test_stranger_cannot_inject_a_hop(world: World) -> None:
     await trio.to_thread.run_sync(world.sn.wait_complete, world.job, 150)
     signed = _mallory_job(world)  # trusted, but the stranger below is not its submitter
@@ -959,7 +944,7 @@ async def test_stranger_cannot_inject_a_hop(world: World) -> None:
             state = st.resize(forged, reply.first["size"])
             ack = await _send_bundle(h, pid, bundle_frame(signed.job_id, state, m.entries(), []))
             assert ack.kind != "ack", "the victim now holds a hop a stranger made up"
-        assert reply.kind.startswith("decline:"), reply.kind
+        assert reply.kind == "decline:custody", (reply.kind, reply.first)
 
 
 @pytest.mark.timeout(120)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,7 +10,8 @@ from pathlib import Path
 import pytest
 from snakenet import SnakeNet, job_toml, laps_holders, wait_event
 
-from snakenode.snake import hoplog
+from snakenode.snake import custody, hoplog
+from snakenode.snake import state as st
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +54,21 @@ def test_job_completes_every_member_each_lap_and_log_validates(four: tuple[Snake
     # The honest non-IID run never trips the poisoning guard.
     from harness import control
 
+    # Every hand-over carried a chain of custody the others verified: no honest claim was refused, and each
+    # node holds the signed chain of the final hop back to the submitter (snake/custody.py).
+    final = hoplog.surviving_chain(records)[-1][0]["lineage"]
     for p in sn.nodes.values():
         counters = control(p.home, "status")["counters"]
         assert not counters.get("snake.poison_suspect") and not counters.get("reject.bundle.poison_suspect")
+        refused = {k: v for k, v in counters.items() if "custody" in k and k.startswith(("reject.", "error."))}
+        assert not refused, (p.name, refused)
+        chain = [json.loads(x) for x in (p.home / "jobs" / job_id / "custody.jsonl").read_text().splitlines()]
+        by_lineage = {custody.Link.from_json(x).lineage: custody.Link.from_json(x) for x in chain}
+        assert final in by_lineage, p.name
+        n, lineage = 0, final
+        while lineage in by_lineage:
+            n, lineage = n + 1, by_lineage[lineage].parent
+        assert n == 12 and lineage == st.genesis_lineage(job_id), (p.name, n)
     assert not [r for r in records if r["event"] == "declined" and (r["detail"] or {}).get("reason") == "poison_suspect"]
     # Non-IID: KD was on (auto) for these skewed shards.
     trained = [r for r in records if r["event"] == "trained"]

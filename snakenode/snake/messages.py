@@ -11,6 +11,7 @@ from typing import Any
 
 from snakenode import wire
 from snakenode.net import lane as lane_mod
+from snakenode.snake.custody import CustodyError, Link
 from snakenode.snake.state import JobState, StateError
 
 DECLINE_REASONS = (
@@ -24,6 +25,7 @@ DECLINE_REASONS = (
     "not_ready",       # the node is still preparing the job (model init)
     "not_coordinator", # CS mode: the proposer is not the job's coordinator
     "poison_suspect",  # the incoming model failed the poisoning guard
+    "custody",         # the proposer cannot show it was handed the hop before (snake/custody.py)
     "test_fault",      # injected by --test-faults
     "error",           # anything else; detail says what
 )
@@ -78,6 +80,21 @@ def decode_lane_offer(f: wire.Fields) -> lane_mod.LaneOffer | None:
     return None if g is None else lane_mod.LaneOffer.from_wire(g)
 
 
+def decode_links(f: wire.Fields, key: str, limit: int) -> list[Link]:
+    """A list of custody links (snake/custody.py), parent first; absent = empty (the receiver then declines
+    with `custody` where a chain is required)."""
+    raw = f.raw(key, required=False, default=[])
+    if not isinstance(raw, list) or len(raw) > limit:
+        raise wire.WireError(f"{f.where}.{key} must be a list of at most {limit} custody links", "malformed")
+    try:
+        return [Link.from_wire(x) for x in raw]
+    except CustodyError as exc:
+        raise wire.WireError(f"{f.where}.{key}: {exc}", "malformed") from None
+
+
+MAX_TAIL = 8  # custody links a propose or progress message may carry
+
+
 # --- negotiate ---------------------------------------------------------------------------------------
 @dataclass
 class Propose:
@@ -87,10 +104,12 @@ class Propose:
     suggested: int
     layers: dict[str, str]  # manifest summary: layer name -> hash of the model being handed over
     lane: bytes | None = None  # the sender's per-transfer lane certificate (DER); None = no lane
+    custody: list[Link] = field(default_factory=list)  # the chain's tail, ending at state.lineage
 
     def to_wire(self) -> dict[str, Any]:
         out = {"t": "propose", "job_id": self.job_id, "job": self.job, "state": self.state.to_dict(),
-               "suggested": self.suggested, "layers": self.layers}
+               "suggested": self.suggested, "layers": self.layers,
+               "custody": [link.to_wire() for link in self.custody]}
         if self.lane is not None:
             out["lane"] = {"v": lane_mod.LANE_VERSION, "cert": self.lane}
         return out
@@ -102,7 +121,7 @@ class Propose:
         if state.job_id != job_id:
             raise wire.WireError("propose.state is for another job", "malformed")
         return cls(job_id, f.bytes("job", 64 * 1024), state, f.int("suggested", 1, 100_000),
-                   _hash_map(f, "layers"), decode_lane_cert(f))
+                   _hash_map(f, "layers"), decode_lane_cert(f), decode_links(f, "custody", MAX_TAIL))
 
 
 @dataclass

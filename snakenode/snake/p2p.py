@@ -28,11 +28,21 @@ from snakenode.net import host as host_mod
 from snakenode.net import lane as lane_mod
 from snakenode.net import transfer
 from snakenode.snake import bundle as bundle_mod
+from snakenode.snake import custody as custody_mod
 from snakenode.snake import hoplog, routing
 from snakenode.snake import state as st
 from snakenode.snake.coordinator import CS
 from snakenode.snake.job import JobRejected, SignedJob, dataset_matches, metric_name, verify_job
-from snakenode.snake.messages import Accept, ClaimRef, Decline, Propose, decode_layer_list, decode_model_state
+from snakenode.snake.messages import (
+    MAX_TAIL,
+    Accept,
+    ClaimRef,
+    Decline,
+    Propose,
+    decode_layer_list,
+    decode_links,
+    decode_model_state,
+)
 from snakenode.snake.runtime import Baton, JobRun
 from snakenode.snake.state import Claim, JobState, compare_claims
 from snakenode.snake.store import LayerStore
@@ -99,6 +109,7 @@ class Snake:
         self.nursery: trio.Nursery | None = None
         self.extra_trusted: set[str] = set()
         self._rejected_jobs: set[str] = set()
+        self._custody_pending: set[tuple[str, str]] = set()  # (job, lineage) chains being fetched
         self._asking: set[str] = set()
         self.cs = CS(self)
 
@@ -216,12 +227,55 @@ class Snake:
         rec = hoplog.from_state(event, state, node=self.me, t=time.time(), **fields)
         run.log(rec)
         if event in GOSSIPED_EVENTS and self.nursery is not None:
-            self.nursery.start_soon(self._publish_progress, rec)
+            msg: dict[str, Any] = {"t": "progress", "rec": rec}
+            link = run.cust.links.get(state.lineage)
+            if link is not None:
+                msg["cust"] = [link.signer, link.sig]  # the rest of the link is in the record
+            self.nursery.start_soon(self._publish_progress, msg)
         return rec
 
-    async def _publish_progress(self, rec: dict[str, Any]) -> None:
+    async def _publish_progress(self, msg: dict[str, Any]) -> None:
         if self.svc.gossip is not None:
-            await self.svc.gossip.publish("progress", wire.packb({"t": "progress", "rec": rec}))
+            await self.svc.gossip.publish("progress", wire.packb(msg))
+
+    # ================================================================================ chain of custody
+    def _certify(self, run: JobRun, state: JobState) -> None:
+        """Sign the hand-over of `state` (this node holds its parent, submitted the job, or coordinates it)."""
+        if state.lineage in run.cust.links:
+            return
+        link = custody_mod.sign(self.d.ident, state.parent_lineage, state.hop, state.attempt, state.holder)
+        problem, missing = run.add_custody([link])
+        if problem or missing:
+            self.counters.add("error.custody.sign")
+            log.error("custody_sign_failed", job=run.job_id, hop=state.hop, problem=problem,
+                      missing=(missing or "")[:16], hint="this node cannot prove it held the hop before: "
+                      "its successor will decline the proposal with `custody`")
+
+    async def _fetch_custody(self, run: JobRun, peer: str, lineage: str) -> list[custody_mod.Link]:
+        self.counters.add("custody.fetch")
+        kind, f = await self._state_request(peer, {"t": "get_custody", "job_id": run.job_id, "lineage": lineage})
+        if kind != "custody":
+            raise wire.WireError(f"{peer} has no chain of custody for lineage {lineage[:16]}", "custody")
+        return decode_links(f, "links", custody_mod.MAX_CHAIN)
+
+    async def _accept_custody(self, run: JobRun, peer: str, links: list[custody_mod.Link], lineage: str,
+                              fetch: bool = True) -> str | None:
+        """None when `lineage` is proven after adding `links` (fetching the missing part of the chain from
+        `peer`, the one presenting it, when `fetch`), else why not."""
+        problem, missing = run.add_custody(links)
+        if problem is None and missing is not None and fetch:
+            try:
+                fetched = await self._fetch_custody(run, peer, lineage)
+            except Exception as exc:  # noqa: BLE001 - any failure: the claim stays unproven
+                self.counters.add("custody.fetch_failed")
+                return (f"the chain of custody of hop lineage {lineage[:16]} has a gap and {peer} did not fill it "
+                        f"({type(exc).__name__}: {str(exc)[:120]})")
+            problem, missing = run.add_custody(fetched + links)
+        if problem is not None:
+            return problem
+        if not run.cust.known(lineage):
+            return f"no chain of custody reaches lineage {lineage[:16]} from the job's genesis"
+        return None
 
     def intake(self, signed: SignedJob, origin: bool = False) -> JobRun:
         """Record a verified job; join it when this node's data matches."""
@@ -321,7 +375,7 @@ class Snake:
                 return
             self.intake(signed)
         elif kind == "complete":
-            self._on_complete(f)
+            await self._on_complete(sender, obj)
         else:
             raise wire.WireError(f"unknown jobs message {kind!r}", "unexpected")
 
@@ -408,6 +462,7 @@ class Snake:
                 if size is None:
                     size = int(run.spec["window"]["min_blocks"])
                 state = st.start_job(run.job_id, members, self.me, min(size, run.blocks), run.blocks)
+                self._certify(run, state)
                 run.state, run.model, run.phase = state, dict(run.init_state), "received"
                 run.observe(state.claim)
                 run.save_checkpoint()
@@ -611,16 +666,35 @@ class Snake:
             await trio.sleep(at - last)
             last = at
             if self.svc.gossip is not None:
-                await self.svc.gossip.publish("jobs", wire.packb(rec))
+                run = self.jobs.get(rec["job_id"])
+                tail = [] if run is None else run.cust.chain(rec["lineage"], custody_mod.TAIL)
+                await self.svc.gossip.publish("jobs", wire.packb({**rec, "custody": [x.to_wire() for x in tail]}))
 
-    def _on_complete(self, f: wire.Fields) -> None:
+    async def _on_complete(self, sender: str, obj: dict[str, Any], refetch: bool = True) -> None:
+        f = wire.Fields(obj, "jobs")
         job_id = f.str("job_id", 16, pattern=wire.JOB_ID_RE)
         run = self.jobs.get(job_id)
         if run is None:
             return
         claim = Claim(f.int("lap"), f.int("hop"), f.int("attempt"), f.str("lineage", 64, pattern=wire.HEX64_RE))
+        holder = f.str("holder", 64, pattern=wire.PEER_ID_RE)
+        if holder != sender:
+            raise wire.WireError("a completion announced by another node than its holder", "forged")
+        # Only the holder of the final hop (or the CS coordinator that received it) may declare the job done:
+        # its lineage must be proven back to the job's genesis (snake/custody.py).
+        problem, missing = run.add_custody(decode_links(f, "custody", MAX_TAIL))
+        if problem is not None:
+            raise wire.WireError(f"completion custody: {problem}", "custody")
+        if not run.cust.known(claim.lineage):
+            if missing is not None and refetch:
+                self._gap_fill_later(run, sender, claim.lineage, self._on_complete, obj)
+                return
+            raise wire.WireError("completion of a hop whose chain of custody is unknown here", "custody")
+        link = run.cust.links[claim.lineage]
+        if holder not in (link.holder, link.signer) or (link.hop, link.attempt) != (claim.hop, claim.attempt):
+            raise wire.WireError("a completion by a node that did not hold that hop", "custody")
         rec = {"t": "complete", "job_id": job_id, "hop": claim.hop, "attempt": claim.attempt, "lap": claim.lap,
-               "lineage": claim.lineage, "holder": f.str("holder", 64, pattern=wire.PEER_ID_RE),
+               "lineage": claim.lineage, "holder": holder,
                "model": decode_model_state(f), "reason": f.str("reason", 16),
                "test": {k: float(v) for k, v in (f.raw("test", required=False) or {}).items()
                         if isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)},
@@ -715,6 +789,7 @@ class Snake:
                 proposal = self._first_holder_state(run, cand, suggested, attempt, start_members or members)
             else:
                 proposal = st.after_hop(base, cand, suggested, spec=spec, attempt=attempt)
+            self._certify(run, proposal)
             self._record(run, "proposed", proposal, detail={"score": ranking.choices[0].score,
                                                             "reasons": ranking.choices[0].reasons})
             # The fast bulk lane (docs/PROTOCOL.md): offered when the whole model reaches the threshold; used
@@ -842,6 +917,7 @@ class Snake:
         size = self._my_window_size(run, base.window) or int(run.spec["window"]["min_blocks"])
         async with run.lock:
             nxt = st.after_hop(base, self.me, min(size, run.blocks), spec=run.spec, attempt=attempt)
+            self._certify(run, nxt)
             run.state, run.model, run.phase = nxt, dict(model), "received"
             run.observe(nxt.claim)
             run.save_checkpoint()
@@ -858,7 +934,8 @@ class Snake:
         """(reply, negotiate bytes, the IP address of the connection the negotiation ran on)."""
         self.faults.check("propose", hop=proposal.hop, attempt=proposal.attempt, job=run.job_id)
         msg = Propose(run.job_id, run.signed.encode(), proposal, proposal.window.size, model,
-                      None if lane_cert is None else lane_cert.der)
+                      None if lane_cert is None else lane_cert.der,
+                      run.cust.chain(proposal.lineage, custody_mod.TAIL))
         io = None
         assign = self.cs.is_coordinator(run) and not run.fallback
         try:
@@ -1032,6 +1109,13 @@ class Snake:
                 p.state.parent_lineage != run.highest.lineage:
             return self._decline(p.job_id, "stale", f"a later claim is known: hop {run.highest.hop} "
                                                     f"attempt {run.highest.attempt} {run.highest.lineage}")
+        why = await self._accept_custody(run, peer, p.custody, p.state.lineage)
+        if why is None and run.cust.links[p.state.lineage].signer != peer:
+            why = (f"the hand-over of hop {p.state.hop} was signed by {run.cust.links[p.state.lineage].signer}, "
+                   f"not by the proposer")
+        if why is not None:
+            self.counters.add("reject.negotiate.custody")
+            return self._decline(p.job_id, "custody", why)
         if self.active is not None:
             return self._decline(p.job_id, "busy", f"holding a hop of job {self.active}")
         r = self.reservation
@@ -1227,6 +1311,14 @@ class Snake:
             await io.write_frame(self._checkpoint_view(run))
         elif kind == "get_layers":
             await self._serve_layers(io, decode_layer_list(f))
+        elif kind == "get_custody":
+            run = self.jobs.get(f.str("job_id", 16, pattern=wire.JOB_ID_RE))
+            lineage = f.str("lineage", 64, pattern=wire.HEX64_RE)
+            chain = [] if run is None else run.cust.chain(lineage)
+            if not chain or chain[0].parent != run.cust.genesis:  # type: ignore[union-attr]
+                await io.write_frame({"t": "unknown", "reason": "no chain of custody for that lineage here"})
+            else:
+                await io.write_frame({"t": "custody", "links": [link.to_wire() for link in chain]})
         elif kind == "resume_cmd":
             job_id = f.str("job_id", 16, pattern=wire.JOB_ID_RE)
             await io.write_frame(await self.resume_local(job_id))
@@ -1270,7 +1362,32 @@ class Snake:
         return {"t": "verdict", "verdict": "unknown"}
 
     # ================================================================================ progress gossip
-    async def _on_progress_msg(self, sender: str, obj: dict[str, Any]) -> None:
+    def _gap_fill_later(self, run: JobRun, sender: str, lineage: str, handler: Any, obj: dict[str, Any]) -> None:
+        """A claim whose chain of custody has a gap here (a late joiner, lost gossip, a healed partition):
+        fetch the chain from its author in the background, then handle the message again (once)."""
+        key = (run.job_id, lineage)
+        if key in self._custody_pending or len(self._custody_pending) >= 64 or self.nursery is None:
+            self.counters.add("custody.fetch_skipped")
+            return
+        self._custody_pending.add(key)
+
+        async def fill() -> None:
+            try:
+                why = await self._accept_custody(run, sender, [], lineage)
+                if why is None:
+                    await handler(sender, obj, refetch=False)
+                else:
+                    self.counters.add("reject.custody.unproven")
+                    log.warning("custody_unproven", job=run.job_id, frm=sender, lineage=lineage[:16], why=why[:200])
+            except wire.WireError as exc:
+                self.counters.add(f"reject.custody.{exc.kind}")
+                log.warning("custody_refused", job=run.job_id, frm=sender, error=str(exc)[:200])
+            finally:
+                self._custody_pending.discard(key)
+
+        self.nursery.start_soon(fill)
+
+    async def _on_progress_msg(self, sender: str, obj: dict[str, Any], refetch: bool = True) -> None:
         f = wire.Fields(obj, "progress")
         if f.str("t", 16) != "progress":
             raise wire.WireError("unknown progress message", "unexpected")
@@ -1282,6 +1399,27 @@ class Snake:
             raise wire.WireError("hop record written by another node than the sender", "forged")
         run = self.jobs.get(rec["job_id"])
         if run is None:
+            return
+        # The record counts only when its lineage is proven: its hand-over certificate (`cust`, the signer and
+        # signature; the rest of the link is in the record), and a chain back to the job's genesis.
+        cust = f.raw("cust", required=False)
+        if not (isinstance(cust, list) and len(cust) == 2):
+            raise wire.WireError("hop record without its custody link (cust)", "custody")
+        try:
+            link = custody_mod.Link.from_wire([bytes.fromhex(str(rec["parent_lineage"])), rec["hop"], rec["attempt"],
+                                               rec["holder"], cust[0], cust[1]])
+            if link.lineage != rec["lineage"]:
+                raise custody_mod.CustodyError("the record's lineage is not its (parent, hop, attempt, holder)")
+        except (custody_mod.CustodyError, st.StateError, ValueError) as exc:
+            raise wire.WireError(f"hop record custody: {exc}", "custody") from None
+        if rec["node"] not in (link.holder, link.signer):
+            raise wire.WireError("hop record written by neither the holder nor the signer of its hop", "custody")
+        problem, missing = run.add_custody([link])
+        if problem is not None:
+            raise wire.WireError(f"hop record custody: {problem}", "custody")
+        if missing is not None:
+            if refetch:
+                self._gap_fill_later(run, sender, rec["lineage"], self._on_progress_msg, obj)
             return
         run.log_seen(rec)
         claim = Claim(rec["lap"], rec["hop"], rec["attempt"], rec["lineage"])

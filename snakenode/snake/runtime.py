@@ -19,6 +19,7 @@ import trio
 from snakenode.home import write_json_atomic
 from snakenode.snake import bundle as bundle_mod
 from snakenode.snake import hoplog
+from snakenode.snake.custody import Custody, CustodyError, Link
 from snakenode.snake.job import SignedJob
 from snakenode.snake.state import Claim, JobState, compare_claims
 
@@ -73,10 +74,47 @@ class JobRun:
     attempts: dict[int, int] = field(default_factory=dict)  # hop -> highest attempt committed anywhere
     fallback: bool = False  # a CS job that carried on in P2P mode after losing its coordinator
     incoming_loss: float | None = None  # local validation loss of the last model this node accepted
+    custody: Custody | None = None  # verified hand-over certificates (snake/custody.py); set by create/load
+
+    def __post_init__(self) -> None:
+        if self.custody is None:
+            coord = self.signed.spec.get("coordinator") if self.signed.spec.get("mode") == "cs" else None
+            self.custody = Custody(self.job_id, self.signed.submitter, coord or None)
 
     @property
     def spec(self) -> dict[str, Any]:
         return self.signed.spec
+
+    @property
+    def cust(self) -> Custody:
+        assert self.custody is not None
+        return self.custody
+
+    # --- custody --------------------------------------------------------------------------------
+    @property
+    def custody_path(self) -> Path:
+        return self.dir / "custody.jsonl"
+
+    def add_custody(self, links: list[Link]) -> tuple[str | None, str | None]:
+        """Verify and keep links (parent first), appending the new ones to custody.jsonl.
+        Returns (problem, missing parent lineage) as Custody.add does."""
+        added, problem, missing = self.cust.add(links)
+        if added:
+            with open(self.custody_path, "a", encoding="utf-8") as fh:
+                for link in added:
+                    fh.write(json.dumps(link.to_json(), separators=(",", ":")) + "\n")
+        return problem, missing
+
+    def _load_custody(self) -> None:
+        if not self.custody_path.exists():
+            return
+        links = []
+        for line in self.custody_path.read_text(encoding="utf-8").splitlines():
+            try:
+                links.append(Link.from_json(json.loads(line)))
+            except (CustodyError, json.JSONDecodeError):
+                continue  # a torn last line after a crash: the link comes back with the next hand-over
+        self.cust.add(links)
 
     # --- fencing --------------------------------------------------------------------------------
     def observe(self, claim: Claim) -> None:
@@ -160,6 +198,7 @@ class JobRun:
     def load(cls, d: Path) -> JobRun:
         signed = SignedJob.decode((d / "job.msgpack").read_bytes())
         run = cls(signed.job_id, signed, d)
+        run._load_custody()
         try:
             meta = json.loads((d / "meta.json").read_text())
             run.joined = bool(meta.get("joined"))
