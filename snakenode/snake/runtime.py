@@ -2,8 +2,9 @@
 
 Files: `job.msgpack` (the signed job as received), `meta.json` (joined or why not, the model's layer
 schema, completion), `checkpoint.json` (what this node holds of the snake: phase, job_state, model state,
-and the baton it keeps for its successor), `hoplog.jsonl` (this node's own events) and `seen.jsonl`
-(events other nodes published on the progress topic). Layers themselves live in the content-addressed
+and the baton it keeps for its successor), `hoplog.jsonl` (this node's own events), `seen.jsonl`
+(events other nodes published on the progress topic) and `custody.jsonl` (verified hand-over certificates,
+snake/custody.py, appended as they are verified). Layers themselves live in the content-addressed
 store; a checkpoint names them by hash.
 """
 
