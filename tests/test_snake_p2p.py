@@ -145,6 +145,20 @@ def test_declining_member_dropped_and_mid_job_joiner_visited_next_lap(tmp_path: 
         assert declined and all(r["detail"]["reason"] == "test_fault" for r in declined)
         dropped = {r["detail"]["peer"] for r in records if r["event"] == "dropped"}
         assert {ids["n3"], ids["n4"]} <= dropped
+        # The joiner missed the chain of custody up to its arrival: the first progress record it heard had an
+        # unknown parent, so it fetched the chain from that record's author (get_custody) and then took the
+        # records of the hops before its own first hop; no claim was refused anywhere.
+        from harness import control
+
+        counters = control(sn.nodes["n5"].home, "status")["counters"]
+        assert counters.get("custody.fetch", 0) >= 1, counters
+        mine = min(r["hop"] for r in records if r["event"] == "received" and r["holder"] == ids["n5"])
+        seen = hoplog.read_log(sn.nodes["n5"].home / "jobs" / job_id / "seen.jsonl")
+        assert any(r["hop"] < mine for r in seen), "the joiner took no progress record before its own hop"
+        for name, p in sn.nodes.items():
+            c = control(p.home, "status")["counters"]
+            refused = {k: v for k, v in c.items() if "custody" in k and k.startswith(("reject.", "error."))}
+            assert not refused, (name, refused)
     finally:
         sn.close()
 

@@ -262,15 +262,15 @@ class Snake:
                               fetch: bool = True) -> str | None:
         """None when `lineage` is proven after adding `links` (fetching the missing part of the chain from
         `peer`, the one presenting it, when `fetch`), else why not."""
-        problem, missing = run.add_custody(links)
-        if problem is None and missing is not None and fetch:
+        problem, _ = run.add_custody(links)
+        if problem is None and not run.cust.known(lineage) and fetch:
             try:
                 fetched = await self._fetch_custody(run, peer, lineage)
             except Exception as exc:  # noqa: BLE001 - any failure: the claim stays unproven
                 self.counters.add("custody.fetch_failed")
                 return (f"the chain of custody of hop lineage {lineage[:16]} has a gap and {peer} did not fill it "
                         f"({type(exc).__name__}: {str(exc)[:120]})")
-            problem, missing = run.add_custody(fetched + links)
+            problem, _ = run.add_custody(fetched + links)
         if problem is not None:
             return problem
         if not run.cust.known(lineage):
@@ -1382,6 +1382,9 @@ class Snake:
             except wire.WireError as exc:
                 self.counters.add(f"reject.custody.{exc.kind}")
                 log.warning("custody_refused", job=run.job_id, frm=sender, error=str(exc)[:200])
+            except Exception as exc:  # noqa: BLE001 - runs in the node's nursery: never take the node down
+                self.counters.add("error.custody.handler")
+                log.error("custody_handler_failed", job=run.job_id, frm=sender, error=f"{type(exc).__name__}: {exc}"[:300])
             finally:
                 self._custody_pending.discard(key)
 
