@@ -57,13 +57,21 @@ def test_netns_backend_refuses_politely_without_root(tmp_path: Path) -> None:
     assert not (tmp_path / "r").exists()
 
 
+def _start_runner(scenario: str, out: Path) -> subprocess.Popen[bytes]:
+    """`python -m scenarios run SCENARIO --backend netns` in the background. A shell's background job
+    inherits SIGINT ignored (and Python then installs no Ctrl-C handler): the child gets the default back,
+    as for a runner started from a terminal."""
+    return subprocess.Popen([sys.executable, "-m", "scenarios", "run", scenario, "--backend", "netns",
+                             "--report", str(out)], cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.skipif(not ok, reason=why)
 def test_netns_cleanup_after_the_runner_is_sigkilled(tmp_path: Path) -> None:
     out = tmp_path / "r"
-    runner = subprocess.Popen([sys.executable, "-m", "scenarios", "run", "partition-heal", "--backend", "netns",
-                               "--report", str(out)], cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runner = _start_runner("partition-heal", out)
     state_file = netns.STATE_DIR / f"{runner.pid % 100000}.json"
     try:
         def lab_up() -> dict[str, object] | None:
@@ -96,12 +104,7 @@ def test_netns_cleanup_after_the_runner_is_sigkilled(tmp_path: Path) -> None:
 @pytest.mark.skipif(not ok, reason=why)
 def test_ctrl_c_stops_the_run_and_removes_the_lab(tmp_path: Path) -> None:
     out = tmp_path / "r"
-    # A shell's background job inherits SIGINT ignored (and Python then installs no Ctrl-C handler): restore
-    # the default in the child, as for a runner started from a terminal.
-    runner = subprocess.Popen([sys.executable, "-m", "scenarios", "run", "slow-link", "--backend", "netns",
-                               "--report", str(out)], cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    runner = _start_runner("slow-link", out)
     state_file = netns.STATE_DIR / f"{runner.pid % 100000}.json"
     try:
         state = wait_for(lambda: json.loads(state_file.read_text()) if (out / "run" / "slow" / "node.json").exists()

@@ -228,7 +228,7 @@ class Snake:
         run.log(rec)
         if event in GOSSIPED_EVENTS and self.nursery is not None:
             msg: dict[str, Any] = {"t": "progress", "rec": rec}
-            link = run.cust.links.get(state.lineage)
+            link = run.custody.links.get(state.lineage)
             if link is not None:
                 msg["cust"] = [link.signer, link.sig]  # the rest of the link is in the record
             self.nursery.start_soon(self._publish_progress, msg)
@@ -241,7 +241,7 @@ class Snake:
     # ================================================================================ chain of custody
     def _certify(self, run: JobRun, state: JobState) -> None:
         """Sign the hand-over of `state` (this node holds its parent, submitted the job, or coordinates it)."""
-        if state.lineage in run.cust.links:
+        if state.lineage in run.custody.links:
             return
         link = custody_mod.sign(self.d.ident, state.parent_lineage, state.hop, state.attempt, state.holder)
         problem, missing = run.add_custody([link])
@@ -263,17 +263,18 @@ class Snake:
         """None when `lineage` is proven after adding `links` (fetching the missing part of the chain from
         `peer`, the one presenting it, when `fetch`), else why not."""
         problem, _ = run.add_custody(links)
-        if problem is None and not run.cust.known(lineage) and fetch:
+        if problem is None and not run.custody.known(lineage) and fetch:
             try:
                 fetched = await self._fetch_custody(run, peer, lineage)
             except Exception as exc:  # noqa: BLE001 - any failure: the claim stays unproven
                 self.counters.add("custody.fetch_failed")
                 return (f"the chain of custody of hop lineage {lineage[:16]} has a gap and {peer} did not fill it "
                         f"({type(exc).__name__}: {str(exc)[:120]})")
-            problem, _ = run.add_custody(fetched + links)
+            # A whole chain: verify it off the event loop (~0.2 ms a link; liveness must keep answering).
+            problem, _ = await trio.to_thread.run_sync(run.add_custody, fetched + links)
         if problem is not None:
             return problem
-        if not run.cust.known(lineage):
+        if not run.custody.known(lineage):
             return f"no chain of custody reaches lineage {lineage[:16]} from the job's genesis"
         return None
 
@@ -667,7 +668,7 @@ class Snake:
             last = at
             if self.svc.gossip is not None:
                 run = self.jobs.get(rec["job_id"])
-                tail = [] if run is None else run.cust.chain(rec["lineage"], custody_mod.TAIL)
+                tail = [] if run is None else run.custody.chain(rec["lineage"], custody_mod.TAIL)
                 await self.svc.gossip.publish("jobs", wire.packb({**rec, "custody": [x.to_wire() for x in tail]}))
 
     async def _on_complete(self, sender: str, obj: dict[str, Any], refetch: bool = True) -> None:
@@ -685,12 +686,12 @@ class Snake:
         problem, missing = run.add_custody(decode_links(f, "custody", MAX_TAIL))
         if problem is not None:
             raise wire.WireError(f"completion custody: {problem}", "custody")
-        if not run.cust.known(claim.lineage):
+        if not run.custody.known(claim.lineage):
             if missing is not None and refetch:
                 self._gap_fill_later(run, sender, claim.lineage, self._on_complete, obj)
                 return
             raise wire.WireError("completion of a hop whose chain of custody is unknown here", "custody")
-        link = run.cust.links[claim.lineage]
+        link = run.custody.links[claim.lineage]
         if holder not in (link.holder, link.signer) or (link.hop, link.attempt) != (claim.hop, claim.attempt):
             raise wire.WireError("a completion by a node that did not hold that hop", "custody")
         rec = {"t": "complete", "job_id": job_id, "hop": claim.hop, "attempt": claim.attempt, "lap": claim.lap,
@@ -935,7 +936,7 @@ class Snake:
         self.faults.check("propose", hop=proposal.hop, attempt=proposal.attempt, job=run.job_id)
         msg = Propose(run.job_id, run.signed.encode(), proposal, proposal.window.size, model,
                       None if lane_cert is None else lane_cert.der,
-                      run.cust.chain(proposal.lineage, custody_mod.TAIL))
+                      run.custody.chain(proposal.lineage, custody_mod.TAIL))
         io = None
         assign = self.cs.is_coordinator(run) and not run.fallback
         try:
@@ -1110,8 +1111,8 @@ class Snake:
             return self._decline(p.job_id, "stale", f"a later claim is known: hop {run.highest.hop} "
                                                     f"attempt {run.highest.attempt} {run.highest.lineage}")
         why = await self._accept_custody(run, peer, p.custody, p.state.lineage)
-        if why is None and run.cust.links[p.state.lineage].signer != peer:
-            why = (f"the hand-over of hop {p.state.hop} was signed by {run.cust.links[p.state.lineage].signer}, "
+        if why is None and run.custody.links[p.state.lineage].signer != peer:
+            why = (f"the hand-over of hop {p.state.hop} was signed by {run.custody.links[p.state.lineage].signer}, "
                    f"not by the proposer")
         if why is not None:
             self.counters.add("reject.negotiate.custody")
@@ -1314,8 +1315,8 @@ class Snake:
         elif kind == "get_custody":
             run = self.jobs.get(f.str("job_id", 16, pattern=wire.JOB_ID_RE))
             lineage = f.str("lineage", 64, pattern=wire.HEX64_RE)
-            chain = [] if run is None else run.cust.chain(lineage)
-            if not chain or chain[0].parent != run.cust.genesis:  # type: ignore[union-attr]
+            chain = [] if run is None else run.custody.chain(lineage)
+            if not chain or chain[0].parent != run.custody.genesis:  # type: ignore[union-attr]
                 await io.write_frame({"t": "unknown", "reason": "no chain of custody for that lineage here"})
             else:
                 await io.write_frame({"t": "custody", "links": [link.to_wire() for link in chain]})

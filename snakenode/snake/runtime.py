@@ -75,21 +75,15 @@ class JobRun:
     attempts: dict[int, int] = field(default_factory=dict)  # hop -> highest attempt committed anywhere
     fallback: bool = False  # a CS job that carried on in P2P mode after losing its coordinator
     incoming_loss: float | None = None  # local validation loss of the last model this node accepted
-    custody: Custody | None = None  # verified hand-over certificates (snake/custody.py); set by create/load
+    custody: Custody = field(init=False, repr=False)  # verified hand-over certificates (snake/custody.py)
 
     def __post_init__(self) -> None:
-        if self.custody is None:
-            coord = self.signed.spec.get("coordinator") if self.signed.spec.get("mode") == "cs" else None
-            self.custody = Custody(self.job_id, self.signed.submitter, coord or None)
+        coord = self.signed.spec.get("coordinator") if self.signed.spec.get("mode") == "cs" else None
+        self.custody = Custody(self.job_id, self.signed.submitter, coord or None)
 
     @property
     def spec(self) -> dict[str, Any]:
         return self.signed.spec
-
-    @property
-    def cust(self) -> Custody:
-        assert self.custody is not None
-        return self.custody
 
     # --- custody --------------------------------------------------------------------------------
     @property
@@ -99,7 +93,7 @@ class JobRun:
     def add_custody(self, links: list[Link]) -> tuple[str | None, str | None]:
         """Verify and keep links (parent first), appending the new ones to custody.jsonl.
         Returns (problem, missing parent lineage) as Custody.add does."""
-        added, problem, missing = self.cust.add(links)
+        added, problem, missing = self.custody.add(links)
         if added:
             with open(self.custody_path, "a", encoding="utf-8") as fh:
                 for link in added:
@@ -115,7 +109,7 @@ class JobRun:
                 links.append(Link.from_json(json.loads(line)))
             except (CustodyError, json.JSONDecodeError):
                 continue  # a torn last line after a crash: the link comes back with the next hand-over
-        self.cust.add(links)
+        self.custody.add(links)
 
     # --- fencing --------------------------------------------------------------------------------
     def observe(self, claim: Claim) -> None:
