@@ -37,7 +37,7 @@ WINDOW = 2
 def run_config(kd_mode: str, seeds: list[int], epochs: int) -> dict[str, Any]:
     import torch
 
-    from snakenode.snake.store import LayerStore
+    from snakenode.layers.store import LayerStore
     from snakenode.snake.window import next_window
     from snakenode.train import data as D
     from snakenode.train.engine import Engine

@@ -70,7 +70,7 @@ def rss_file_mb() -> float:
 
 
 def child_init(model: str, store: str, out: str) -> None:
-    from snakenode.snake.store import LayerStore
+    from snakenode.layers.store import LayerStore
     from snakenode.train.engine import Engine, tune_malloc
 
     tune_malloc()
@@ -87,7 +87,7 @@ def child_run(model: str, batch: int, mode: str, store: str, state_file: str, ou
         import transformers.models.llama.modeling_llama  # noqa: F401
         import transformers.models.opt.modeling_opt  # noqa: F401
 
-    from snakenode.snake.store import LayerStore
+    from snakenode.layers.store import LayerStore
     from snakenode.train import engine as E
 
     E.tune_malloc()

@@ -242,7 +242,7 @@ def trained_hops(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def evaluate_hops(spec: dict[str, Any], archive: HopArchive, hops: list[dict[str, Any]], dataset: str
                   ) -> list[dict[str, Any]]:
     """Test accuracy of every hop's model, with the engine's own evaluate (as `job_complete` computes it)."""
-    from snakenode.snake.store import LayerStore
+    from snakenode.layers.store import LayerStore
     from snakenode.train.engine import Engine
 
     engine = Engine(LayerStore(archive.root))

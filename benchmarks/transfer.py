@@ -41,8 +41,8 @@ from typing import Any
 
 import benchlab
 
-from snakenode.snake import bundle as bundle_mod
-from snakenode.snake.store import LayerStore
+from snakenode.layers import bundle as bundle_mod
+from snakenode.layers.store import LayerStore
 
 PATHS = ("libp2p", "tcp", "lane")
 LAYERS = {10: 4, 100: 8, 500: 16}  # a 1.3B model has tens of layers of tens of MB: keep layers realistic

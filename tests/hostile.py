@@ -32,11 +32,11 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from snakenode import wire
 from snakenode.counters import Counters
 from snakenode.identity import Identity
+from snakenode.layers import bundle as bundle_mod
 from snakenode.net import host as host_mod
 from snakenode.net.gossip import Gossip
 from snakenode.net.liveness import Liveness
 from snakenode.net.peers import PeerTable
-from snakenode.snake import bundle as bundle_mod
 from snakenode.snake import custody
 from snakenode.snake import state as st
 from snakenode.snake.job import SIGN_DOMAIN, SignedJob, sign_job

@@ -15,7 +15,7 @@ sys.path[:0] = [str(BENCH), str(BENCH / "flower_app")]
 
 from snakeflower import task as ft  # noqa: E402
 
-from snakenode.snake.store import LayerStore  # noqa: E402
+from snakenode.layers.store import LayerStore  # noqa: E402
 from snakenode.train import data as D  # noqa: E402
 from snakenode.train.engine import Engine  # noqa: E402
 

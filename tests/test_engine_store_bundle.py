@@ -1,4 +1,4 @@
-"""snake/store.py and snake/bundle.py: content-addressed blobs, resumable partials, blob verification with
+"""layers/store.py and layers/bundle.py: content-addressed blobs, resumable partials, blob verification with
 named errors, the manifest codec, the merged model file and the poisoning guard."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from snakenode.snake import bundle as B
-from snakenode.snake.store import BlobHashMismatch, LayerStore, StoreError
+from snakenode.layers import bundle as B
+from snakenode.layers.store import BlobHashMismatch, LayerStore, StoreError
 
 
 def _layer(seed: int = 0, name: str = "blocks.1") -> dict[str, np.ndarray]:

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from snakenode.snake import bundle
-from snakenode.snake.store import LayerStore
+from snakenode.layers import bundle
+from snakenode.layers.store import LayerStore
 from snakenode.train import data as D
 from snakenode.train import engine as E
 from snakenode.train import kd as K

@@ -20,9 +20,9 @@ import trio
 from snakenode import identity, wire
 from snakenode.counters import Counters
 from snakenode.faults import Faults
+from snakenode.layers import bundle as bundle_mod
+from snakenode.layers.store import LayerStore
 from snakenode.net import lane, transfer
-from snakenode.snake import bundle as bundle_mod
-from snakenode.snake.store import LayerStore
 
 LAYER_FLOATS = 400_000  # 1.6 MB per layer: several 1 MiB chunks each, quick to send
 

@@ -16,8 +16,8 @@ import pytest
 from harness import control
 from snakenet import SnakeNet, job_toml
 
+from snakenode.layers.store import sha256_hex
 from snakenode.snake import hoplog
-from snakenode.snake.store import sha256_hex
 
 BIG = "[model_args]\nhidden = 512\n"  # blocks of 512x512 float32 + bias: 1 MiB + 2 KiB each
 BREAK_AT = 500_000

@@ -36,8 +36,9 @@ from hypothesis import strategies as st
 
 from snakenode import config, faults, profile, wire
 from snakenode.identity import Identity
+from snakenode.layers import bundle
 from snakenode.net import lane, transfer
-from snakenode.snake import bundle, hoplog
+from snakenode.snake import hoplog
 from snakenode.snake import state as state_mod
 from snakenode.snake.job import SIGN_DOMAIN, JobRejected, SignedJob, sign_job, validate_spec, verify_job
 from snakenode.snake.messages import Accept, ClaimRef, Decline, Propose

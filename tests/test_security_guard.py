@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from snakenode.snake import bundle as B
+from snakenode.layers import bundle as B
 from snakenode.snake.job import JobSpecError, validate_spec
 from snakenode.snake.p2p import Snake
 

@@ -59,7 +59,7 @@ from snakenet import SnakeNet, job_toml
 
 from snakenode import wire
 from snakenode.identity import Identity
-from snakenode.snake import bundle as bundle_mod
+from snakenode.layers import bundle as bundle_mod
 from snakenode.snake import hoplog
 from snakenode.snake import state as st
 from snakenode.snake.job import parse_spec, sign_job

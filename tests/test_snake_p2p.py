@@ -90,10 +90,10 @@ def test_fetched_model_is_the_final_holders_and_scores_what_the_log_says(
     import json
 
     info = json.loads(r.stdout)
-    from snakenode.snake import bundle
+    from snakenode.layers import bundle
 
     layers, meta = bundle.read_model_file(out.read_bytes())
-    from snakenode.snake.store import sha256_hex
+    from snakenode.layers.store import sha256_hex
 
     assert {n: sha256_hex(b) for n, b in layers.items()} == c["model"]
     assert meta["snakenode.job_id"] == job_id and info["layers"] == c["model"]
@@ -248,7 +248,7 @@ def test_broken_bundle_stream_resumes_where_it_stopped(tmp_path: Path) -> None:
         st = control(sn.net.home("n1"), "status")
         assert st["counters"]["reject.bundle.test_fault"] == 1
         # Everything in n1's store is sound: every blob hashes to its name.
-        from snakenode.snake.store import sha256_hex
+        from snakenode.layers.store import sha256_hex
 
         blobs = list((sn.net.home("n1") / "store" / "blobs").glob("*.safetensors"))
         assert blobs and all(sha256_hex(b.read_bytes()) == b.stem for b in blobs)

@@ -14,10 +14,10 @@ import trio.testing
 
 from snakenode import wire
 from snakenode.counters import Counters
+from snakenode.layers import bundle as bundle_mod
+from snakenode.layers.store import LayerStore
 from snakenode.net import transfer
 from snakenode.net.host import StreamIO
-from snakenode.snake import bundle as bundle_mod
-from snakenode.snake.store import LayerStore
 
 
 def bf16(a: np.ndarray) -> np.ndarray:

@@ -45,10 +45,10 @@ from cryptography.x509.oid import NameOID
 from snakenode import logs, wire
 from snakenode.counters import Counters
 from snakenode.faults import Faults
+from snakenode.layers import bundle as bundle_mod
+from snakenode.layers.store import LayerStore, PartialBlob, StoreError
 from snakenode.net import transfer
 from snakenode.net.host import ListenError, StreamIO
-from snakenode.snake import bundle as bundle_mod
-from snakenode.snake.store import LayerStore, PartialBlob, StoreError
 
 log = logs.get("lane")
 

@@ -22,9 +22,9 @@ import trio
 
 from snakenode import wire
 from snakenode.faults import Faults
+from snakenode.layers import bundle as bundle_mod
+from snakenode.layers.store import LayerStore, StoreError
 from snakenode.net.host import StreamIO
-from snakenode.snake import bundle as bundle_mod
-from snakenode.snake.store import LayerStore, StoreError
 
 CHUNK = 1 << 20  # 1 MiB writes: the measured sweet spot for Noise+Yamux
 ACK_TIMEOUT_S = 120.0  # the receiver verifies every layer before acking; large models take a while

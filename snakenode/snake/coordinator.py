@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from snakenode import logs, wire
+from snakenode.layers import bundle as bundle_mod
 from snakenode.net import host as host_mod
 from snakenode.net import lane as lane_mod
 from snakenode.net import transfer
-from snakenode.snake import bundle as bundle_mod
 from snakenode.snake import state as st
 from snakenode.snake.messages import MAX_LAYERS, _hash_map, _state, decode_lane_cert, decode_lane_offer
 from snakenode.snake.runtime import JobRun

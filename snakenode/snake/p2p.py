@@ -24,10 +24,11 @@ import trio
 
 from snakenode import logs, wire
 from snakenode.control import ControlError
+from snakenode.layers import bundle as bundle_mod
+from snakenode.layers.store import LayerStore
 from snakenode.net import host as host_mod
 from snakenode.net import lane as lane_mod
 from snakenode.net import transfer
-from snakenode.snake import bundle as bundle_mod
 from snakenode.snake import custody as custody_mod
 from snakenode.snake import hoplog, routing
 from snakenode.snake import state as st
@@ -45,7 +46,6 @@ from snakenode.snake.messages import (
 )
 from snakenode.snake.runtime import Baton, JobRun
 from snakenode.snake.state import Claim, JobState, compare_claims
-from snakenode.snake.store import LayerStore
 from snakenode.snake.window import size_window
 
 if TYPE_CHECKING:

@@ -18,7 +18,7 @@ from typing import Any
 import trio
 
 from snakenode.home import write_json_atomic
-from snakenode.snake import bundle as bundle_mod
+from snakenode.layers import bundle as bundle_mod
 from snakenode.snake import hoplog
 from snakenode.snake.custody import Custody, CustodyError, Link
 from snakenode.snake.job import SignedJob

@@ -32,8 +32,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from snakenode.snake import bundle
-from snakenode.snake.store import LayerStore
+from snakenode.layers import bundle
+from snakenode.layers.store import LayerStore
 from snakenode.train import data as D
 from snakenode.train import kd as K
 from snakenode.train import models as M

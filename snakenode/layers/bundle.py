@@ -23,7 +23,7 @@ from typing import IO, Any
 import msgpack
 import numpy as np
 
-from snakenode.snake.store import sha256_hex
+from snakenode.layers.store import sha256_hex
 
 # safetensors dtype -> (numpy dtype used to read it, bytes per element). BF16 has no numpy dtype: it is
 # read as little-endian uint16 and checked through its exponent bits.
