@@ -11,7 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 
@@ -25,7 +25,7 @@ HomeOpt = typer.Option(DEFAULT_HOME, "--home", help="node directory (env SNAKENO
 JsonOpt = typer.Option(False, "--json", help="machine-readable output")
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     raise typer.Exit(code)
 
@@ -44,6 +44,42 @@ def _call(home: Path, op: str, args: dict[str, Any] | None = None, timeout: floa
         _fail(str(exc), 1)
     except OSError as exc:
         _fail(f"cannot reach the node in {home}: {exc}", 2)
+
+
+def _reach(home: Path, op: str, timeout: float) -> bool:
+    """Tell a running node something it may also learn at its next start: False (and nothing printed) when
+    no node runs in HOME, since the caller has already done what matters."""
+    from snakenode import control
+    from snakenode.home import NoDaemon
+
+    try:
+        control.call(home, op, None, timeout=timeout)
+    except NoDaemon:
+        return False
+    except (control.ControlError, TimeoutError, OSError) as exc:
+        print(f"warning: the node in {home} did not take the change now ({exc}); it reads it at its next "
+              "start", file=sys.stderr)
+        return False
+    return True
+
+
+def match_job_id(given: str, known: list[str]) -> str:
+    """The job id `given` names: itself when known, else the one id it is a prefix of. An unknown id is
+    returned as given (the node says it is not known); a prefix of several ids is an error that lists them."""
+    if not given or given in known:
+        return given
+    matches = sorted(j for j in known if j.startswith(given))
+    if len(matches) > 1:
+        raise ValueError(f"job id prefix {given!r} is ambiguous: it matches {', '.join(matches)}; "
+                         "give more of the id")
+    return matches[0] if matches else given
+
+
+def _job_id(home: Path, given: str) -> str:
+    try:
+        return match_job_id(given, [r["job_id"] for r in _call(home, "jobs")])
+    except ValueError as exc:
+        _fail(str(exc))
 
 
 def _print_json(obj: Any) -> None:
@@ -295,6 +331,7 @@ def watch(
     """Live progress of a job: hop, lap, holder, window, metrics, bytes (exits when the job completes)."""
     import time as _time
 
+    job_id = _job_id(home, job_id)
     since = 0
     t0 = _time.monotonic()
     while True:
@@ -328,6 +365,7 @@ def fetch(
     as_json: bool = JsonOpt,
 ) -> None:
     """Write a completed job's final model (one safetensors file, loadable by the engine)."""
+    job_id = _job_id(home, job_id)
     result = _call(home, "fetch", {"job_id": job_id, "out": str(out.expanduser().resolve())}, timeout=600)
     if as_json:
         _print_json(result)
@@ -337,8 +375,10 @@ def fetch(
 
 
 @app.command()
-def resume(job_id: str = typer.Argument(..., help="job id"), home: Path = HomeOpt, as_json: bool = JsonOpt) -> None:
+def resume(job_id: str = typer.Argument(..., help="job id (a unique prefix is enough)"), home: Path = HomeOpt,
+           as_json: bool = JsonOpt) -> None:
     """Restart a job whose baton holders were all lost, from the highest committed hop any node holds."""
+    job_id = _job_id(home, job_id)
     result = _call(home, "resume", {"job_id": job_id}, timeout=60)
     if as_json:
         _print_json(result)
@@ -397,10 +437,7 @@ def trust_add(peer_id: str, home: Path = HomeOpt) -> None:
     added = configfile.add_to_list(_config_path(home), "trusted_submitters", peer_id)
     print(("trusted " if added else "already trusted ") + peer_id)
     if added:
-        try:
-            _call(home, "reload_trust", timeout=2)
-        except typer.Exit:
-            pass  # no daemon: the next start reads the file
+        _reach(home, "reload_trust", timeout=2)  # no node running: its next start reads the file
 
 
 @trust_app.command("list")

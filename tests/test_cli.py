@@ -61,3 +61,56 @@ def test_bad_data_flags_are_refused_before_the_node_starts(tmp_path: Path) -> No
     assert not (home / "identity.key").exists(), "nothing is created for a node that cannot start"
     r = run_cli("start", "--home", str(home), "--data", "digits", "--shard", "3/2")
     assert r.returncode == 1 and "shard" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_match_job_id_names_every_match_of_an_ambiguous_prefix() -> None:
+    known = ["ab12", "ab34", "cd56"]
+    assert cli.match_job_id("ab34", known) == "ab34"
+    assert cli.match_job_id("c", known) == "cd56"
+    assert cli.match_job_id("ef", known) == "ef", "an unknown id goes to the node, which says it is not known"
+    with pytest.raises(ValueError, match="'ab' is ambiguous: it matches ab12, ab34"):
+        cli.match_job_id("ab", known)
+
+
+@pytest.mark.timeout(90)
+def test_trust_add_without_a_node_is_a_plain_success(tmp_path: Path) -> None:
+    from snakenode import identity
+
+    home = tmp_path / "h"
+    pid = identity.Identity(identity.Ed25519PrivateKey.generate()).peer_id
+    r = run_cli("trust", "add", pid, "--home", str(home))
+    assert r.returncode == 0 and r.stdout.strip() == f"trusted {pid}", (r.stdout, r.stderr)
+    assert r.stderr.strip() == "", f"trust add succeeded but printed: {r.stderr}"
+    assert pid in (home / "snakenode.toml").read_text()
+
+
+@pytest.mark.timeout(120)
+def test_an_ambiguous_job_id_prefix_is_reported_with_its_matches(tmp_net) -> None:  # noqa: ANN001
+    """A node without data keeps the jobs submitted to it; among 17 job ids two share their first hex digit."""
+    from harness import control
+
+    from snakenode import identity
+    from snakenode.snake import job as job_mod
+
+    node = tmp_net.start_node("n0", data=None)
+    node.wait_ready(60)
+    ident = identity.load(node.home)
+    spec = job_mod.load_spec(REPO / "snakenode" / "jobs" / "demo.toml")
+    ids: list[str] = []
+    while len({i[0] for i in ids}) == len(ids):
+        ids.append(control(node.home, "submit", {"job": job_mod.sign_job(spec, ident).encode()},
+                           timeout=10)["job_id"])
+    first = next(c for c in {i[0] for i in ids} if sum(i.startswith(c) for i in ids) > 1)
+    matches = sorted(i for i in ids if i.startswith(first))
+    for cmd in (["watch", first, "--no-follow"], ["fetch", first, "-o", str(tmp_net.root / "m")],
+                ["resume", first]):
+        r = run_cli(*cmd, "--home", str(node.home))
+        assert r.returncode == 1, (cmd, r.stdout, r.stderr)
+        assert "ambiguous" in r.stderr and all(m in r.stderr for m in matches), (cmd, r.stderr)
+        assert "not known" not in r.stderr
+    unique = matches[0][:-1]  # all but the last digit: one job
+    r = run_cli("watch", unique, "--no-follow", "--json", "--home", str(node.home))
+    assert r.returncode == 0, r.stderr
+    r = run_cli("trust", "add", identity.Identity(identity.Ed25519PrivateKey.generate()).peer_id,
+                "--home", str(node.home))
+    assert r.returncode == 0 and r.stderr.strip() == "", r.stderr
