@@ -2,7 +2,7 @@
 
 Every .py file under snakenode/, bootstrap/ and scenarios/ is parsed with ast and every import counts:
 module level, inside functions, under `if TYPE_CHECKING:` (a circle that only a lazy import holds
-together is still a circle to a reader). The rules (docs/ARCHITECTURE.md, "Layers"):
+together is still a circle to a reader). The rules (docs/ARCHITECTURE.md, "Layers: who imports whom"):
 
 - no import circle among the project's modules;
 - snakenode.net and snakenode.train never reach the snake package (the layer store and bundle format live
