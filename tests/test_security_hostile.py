@@ -24,12 +24,14 @@ cannot show a chain of signed hand-overs back to the job's submitter (snake/cust
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -749,7 +751,11 @@ async def test_every_snake_protocol_is_registered_behind_allowed_peers() -> None
 
 
 def _connect_as_nobody(path: str) -> str:
-    """Fork, drop to uid/gid 65534, try to connect: "refused" when the kernel or the daemon says no."""
+    """Fork, drop to uid/gid 65534, send a complete `status` request: "refused" when no answer comes back.
+
+    The caller has made the socket reachable (mode and directory search bits), so the kernel lets the connect
+    through and only the daemon's own SO_PEERCRED check can refuse.
+    """
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
         code = 3
@@ -757,19 +763,37 @@ def _connect_as_nobody(path: str) -> str:
             os.setgid(65534)
             os.setuid(65534)
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(5)
+            s.settimeout(10)
             try:
                 s.connect(path)
-                s.sendall(wire.HEADER.pack(20) + wire.packb({"op": "status", "args": {}})[:20])
+            except OSError:
+                os._exit(4)  # the kernel said no: the test did not reach the daemon's check
+            req = wire.packb({"op": "status", "args": {}})
+            s.sendall(wire.HEADER.pack(len(req)) + req)
+            try:
                 code = 1 if s.recv(4) else 0  # an answer means the uid check let us in
-            except PermissionError:
-                code = 0
             except OSError:
                 code = 0
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     return "refused" if os.waitstatus_to_exitcode(status) == 0 else f"exit {os.waitstatus_to_exitcode(status)}"
+
+
+@contextlib.contextmanager
+def _reachable_by_others(sock_path: str) -> Iterator[None]:
+    """Open the socket (0666) and its directories (o+x) for the duration, then restore every mode."""
+    p = Path(sock_path)
+    saved = [(d, d.stat().st_mode & 0o7777) for d in [p, *p.parents]]
+    try:
+        os.chmod(p, 0o666)
+        for d, mode in saved[1:]:
+            if not mode & 0o001:
+                os.chmod(d, mode | 0o001)
+        yield
+    finally:
+        for d, mode in saved:
+            os.chmod(d, mode)
 
 
 @pytest.mark.timeout(30)
@@ -795,7 +819,10 @@ def test_control_socket_refuses_garbage_and_other_users(world: World) -> None:
     assert grew(after, before, "reject.control.malformed") == 2
     assert grew(after, before, "error.control") == 0
     if os.geteuid() == 0:  # only root can become another user here
-        assert _connect_as_nobody(sock_path) == "refused"
+        with _reachable_by_others(sock_path):
+            assert _connect_as_nobody(sock_path) == "refused"
+        assert os.stat(sock_path).st_mode & 0o777 == 0o600
+        assert grew(counters(world.victim), after, "reject.control.uid") == 1, "the daemon's uid check refused it"
     assert control(world.victim.home, "status")["peer_id"] == world.victim_id
 
 
