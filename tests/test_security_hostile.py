@@ -315,7 +315,10 @@ async def test_slow_writes_are_cut_off(world: World) -> None:
         assert wire.READ_TIMEOUT_S - 0.5 <= seconds <= wire.READ_TIMEOUT_S + 3, (label, seconds)
     how, seconds = results["layer"]
     assert how == "error:too_slow", (how, seconds)
-    assert seconds < 40, seconds
+    # Not before the 15 s grace of the minimum read rate; then within one more 2 s trickle period, +5 s for a
+    # loaded machine.
+    print(f"\nslow layer bytes cut off after {seconds:.1f} s")
+    assert 15.0 <= seconds < 22.0, seconds
     after = await acounters(world.victim)
     assert grew(after, before, "reject.negotiate.timeout") == 1
     assert grew(after, before, "reject.state.timeout") == 1
@@ -369,6 +372,8 @@ async def test_bad_proposals(world: World) -> None:
             assert reply.kind == want, (label, reply.kind, reply.first)
             if want.startswith("decline:"):
                 assert reply.first["detail"], label  # a reason the sender can act on
+            if want == "decline:error":  # "error" is a catch-all reason: the detail must name this refusal
+                assert reply.first["detail"] == "the proposal names another holder", (label, reply.first)
     after = await acounters(world.victim)
     assert grew(after, before, "reject.negotiate.bad_state") == 2
     assert grew(after, before, "reject.negotiate.malformed") == 1
@@ -414,13 +419,14 @@ async def test_proposal_flood(world: World) -> None:
             await new_peer_reaches(world.victim)
     seconds = trio.current_time() - t0
     assert kinds == ["decline:untrusted"] * 200, sorted(set(kinds))
-    assert seconds < 60, seconds
+    assert seconds < 5, seconds  # "a few seconds": 1.0 s seen on 2 loaded cores; x5 margin
     after = await acounters(world.victim)
     assert grew(after, before, "snake.decline.untrusted") == 200
     assert grew(after, before, "reject.job.untrusted_submitter") == 200
     grown = psutil.Process(world.victim.pid).memory_info().rss - rss_before
     assert grown < 50 * 2**20, f"RSS grew {grown / 2**20:.0f} MiB during the flood"
     world.notes["flood_seconds"] = round(seconds, 1)
+    print(f"\n200 proposals answered in {seconds:.1f} s")
 
 
 # ---------------------------------------------------------------------------------------------- bundles
@@ -979,8 +985,10 @@ async def test_stranger_cannot_resume_a_completed_job(world: World) -> None:
     await trio.to_thread.run_sync(world.sn.wait_complete, world.job, 150)
     async with Hostile.running() as h:
         pid = await h.connect(world.victim.addr)
+        before = await acounters(world.victim)
         reply = await h.request(pid, wire.PROTO_STATE, {"t": "resume_cmd", "job_id": world.job})
-    assert reply.kind.startswith("error"), (reply.kind, reply.first)
+    assert reply.kind == "error:job_complete", (reply.kind, reply.first)
+    assert grew(await acounters(world.victim), before, "reject.state.job_complete") == 1
     records = await trio.to_thread.run_sync(world.sn.merged_records, world.job)
     assert not [r for r in records if r["event"] == "resumed"], "a finished job was resumed"
 
