@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import prereq
+
 ROOT = Path(__file__).resolve().parents[1]
 LMS = {"smollm2-135m", "opt-1.3b-arch"}
 FROZEN = "int8"
@@ -176,6 +178,8 @@ def main() -> int:
     if a.only:
         keep = set(a.only.split(","))
         todo = [c for c in todo if f"{c[0]}@{c[1]}" in keep]
+    if any(model in LMS for model, _ in todo):
+        prereq.require_llm("memory.py")
     tmp = Path(tempfile.mkdtemp(prefix="snakenode-bench-"))
     store = a.store or str(tmp / "store")
     results: dict[str, Any] = {"full_mb": {}, "snake_hop_mb": {}, "ratio": {}, "parts": {}, "full_parts": {}, "runs": {},
