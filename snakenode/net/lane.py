@@ -23,7 +23,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import hmac
-import mmap
 import os
 import re
 import secrets
@@ -46,7 +45,8 @@ from snakenode import logs, wire
 from snakenode.counters import Counters
 from snakenode.faults import Faults
 from snakenode.layers import bundle as bundle_mod
-from snakenode.layers.store import LayerStore, PartialBlob, StoreError
+from snakenode.layers.sink import READ_CHUNK, FinishedLayer, LayerSink
+from snakenode.layers.store import LayerStore
 from snakenode.net import transfer
 from snakenode.net.host import ListenError, StreamIO
 
@@ -57,6 +57,7 @@ LANE_MIN_BYTES = 8 * 2**20  # smaller bundles go over libp2p: the extra connecti
 DEFAULT_TTL_S = 60.0  # an offer unused for this long is forgotten (a later re-proposal gets a new one)
 HANDSHAKE_TIMEOUT_S = 10.0  # TCP accept -> TLS handshake -> hello -> lane_ok, all of it
 CONNECT_TIMEOUT_S = 5.0
+FILL_S = 1.0  # a receive returns what arrived within this long, so a trickle still reaches the rate guard
 SEND_TIMEOUT_S = 60.0  # a write may wait while the receiver verifies and fsyncs a large layer
 MAX_PENDING = 64  # outstanding offers; the oldest is dropped beyond this
 MAX_CONNECTIONS = 8  # concurrent lane connections (handshakes included); more are closed at once
@@ -236,6 +237,25 @@ class _Conn:
             got += k
         self.bytes_in += n
 
+    def recv_some_into(self, mv: memoryview, timeout: float, fill_s: float) -> int:
+        """Read at least one byte into `mv` (silence -> TimeoutError, EOF -> WireError truncated) and keep
+        filling it while bytes keep coming for up to `fill_s`: a fast sender's bytes arrive in whole chunks
+        (TLS records are 16 KiB), a slow one's still reach the caller's rate check every `fill_s`."""
+        self.sock.settimeout(timeout)
+        got, n = 0, len(mv)
+        start = time.monotonic()
+        while got < n:
+            k = self.sock.recv_into(mv[got:], n - got)
+            if not k:
+                if got:
+                    break  # the next call reports the end
+                raise wire.WireError("lane closed by the peer", "truncated")
+            got += k
+            self.bytes_in += k
+            if time.monotonic() - start >= fill_s:
+                break
+        return got
+
     def read_exact(self, n: int, timeout: float) -> bytes:
         buf = bytearray(n)
         self.recv_into(memoryview(buf), timeout)
@@ -288,60 +308,20 @@ async def _in_thread(fn: Callable[[], _T], conn: _Conn | None) -> _T:
         raise
 
 
-def _verify_file(path: str, entry: bundle_mod.LayerEntry, schema: bundle_mod.LayerEntry) -> None:
-    """The check transfer.py runs before a layer enters the store (size, header, schema, sha256, finite).
-
-    The map is deliberately not closed in a `with`: when verification fails, the exception's traceback
-    still holds views of it, and closing would replace the BundleError with a BufferError. It is unmapped
-    when the last view goes."""
-    with open(path, "rb") as fh:
-        if fh.seek(0, 2) == 0:
-            raise bundle_mod.Truncated(entry.name, "empty blob")
-        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-    bundle_mod.verify_blob(memoryview(mm), entry, schema=schema)
-
-
-def _verify_and_commit(store: LayerStore, part: PartialBlob, entry: bundle_mod.LayerEntry,
-                       sch: bundle_mod.LayerEntry) -> None:
-    part.close()  # fsync
-    try:
-        _verify_file(str(part.path), entry, sch)
-    except bundle_mod.BundleError as exc:
-        store.discard_partial(entry.hash)
-        raise transfer.TransferError(str(exc), exc.code) from None
-    try:
-        store.commit_partial(part)
-    except StoreError as exc:
-        raise transfer.TransferError(str(exc), "hash_mismatch") from None
-
-
-def _settle(store: LayerStore, part: PartialBlob, entry: bundle_mod.LayerEntry, sch: bundle_mod.LayerEntry) -> None:
-    """A layer we stop at: keep its bytes for a resume, but never leave it complete and uncommitted (the
-    sender plans a complete partial from offset 0 while the store would resume it at its size)."""
-    if part.offset < entry.size:
-        part.close()
-        return
-    try:
-        _verify_and_commit(store, part, entry, sch)  # a bad one is discarded; it is sent again next time
-    except transfer.TransferError as exc:
-        log.warning("lane_layer_rejected", layer=entry.name, kind=exc.kind, error=str(exc)[:200])
-
-
 class _Verifier:
-    """Verifies and commits a finished layer in a second thread while the next one streams in.
+    """Commits a finished layer in a second thread while the next one streams in.
 
     Why: fsync, the second sha256 and the finite-value check cost about as much as receiving; done in line
     they stall the socket. Depth one: a layer is handed over only after the previous one has passed, so at
     most one layer is in verification and a failure stops the transfer one layer later at the latest."""
 
-    def __init__(self, store: LayerStore) -> None:
-        self.store = store
+    def __init__(self) -> None:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 
-    def _run(self, part: PartialBlob, entry: bundle_mod.LayerEntry, sch: bundle_mod.LayerEntry) -> None:
+    def _run(self, layer: FinishedLayer) -> None:
         try:
-            _verify_and_commit(self.store, part, entry, sch)
+            layer.commit()
         except BaseException as exc:  # noqa: BLE001 - handed to the receiving thread by wait()
             self._error = exc
 
@@ -354,10 +334,11 @@ class _Verifier:
             err, self._error = self._error, None
             raise err
 
-    def submit(self, part: PartialBlob, entry: bundle_mod.LayerEntry, sch: bundle_mod.LayerEntry) -> None:
-        self.wait()
-        self._thread = threading.Thread(target=self._run, args=(part, entry, sch), name="lane-verify",
-                                        daemon=True)
+    def submit(self, layer: FinishedLayer) -> None:
+        """Start committing `layer`; call wait() first (the previous layer must have passed)."""
+        if self._thread is not None:
+            raise RuntimeError("wait() for the layer in verification first")
+        self._thread = threading.Thread(target=self._run, args=(layer,), name="lane-verify", daemon=True)
         self._thread.start()
 
     def drain(self) -> None:
@@ -370,63 +351,32 @@ class _Verifier:
 def _recv_layers_blocking(conn: _Conn, incoming: transfer.Incoming, schema: Mapping[str, bundle_mod.LayerEntry],
                           store: LayerStore, faults: Faults | None, ctx: Mapping[str, Any],
                           progress: Callable[[int], None] | None) -> int:
-    """transfer.receive_layers, in one worker thread (plus the verifier): the same checks, errors, partial
-    files and resume offsets; it returns only when every received layer is verified and in the store."""
-    buf = bytearray(transfer.CHUNK)
+    """transfer.receive_layers in one worker thread (plus the verifier): the same layer sink, so the same
+    checks, errors, partial files, resume offsets and minimum rate; it returns only when every received
+    layer is verified and in the store."""
+    buf = bytearray(READ_CHUNK)
     mv = memoryview(buf)
-    received = 0
-    verifier = _Verifier(store)
+    sink = LayerSink(incoming.send, schema, store, faults=faults, ctx=ctx, on_progress=progress)
+    verifier = _Verifier()
     try:
-        for it in incoming.send:
-            entry = it.entry
-            sch = schema.get(entry.name)
-            if sch is None:
-                raise transfer.TransferError(f"layer {entry.name!r} is not part of this job's model",
-                                             "unknown_layer")
-            if entry.size != sch.size:
-                raise transfer.TransferError(f"layer {entry.name!r} announces {entry.size} bytes, the model's "
-                                             f"layer has {sch.size}",
-                                             "oversize" if entry.size > sch.size else "truncated")
-            if store.has(entry.hash):
-                raise transfer.TransferError(f"layer {entry.name!r} was sent although we hold it", "unexpected")
-            try:
-                part = store.open_partial(entry.hash, size=entry.size)
-            except StoreError as exc:
-                raise transfer.TransferError(str(exc), "store") from None
-            handed = False
-            try:
-                if part.offset != it.offset:
-                    raise transfer.TransferError(f"layer {entry.name!r}: sender resumes at byte {it.offset}, we "
-                                                 f"hold {part.offset}", "offset_mismatch")
-                remaining = entry.size - it.offset
-                while remaining > 0:
-                    n = min(transfer.CHUNK, remaining)
-                    try:
-                        conn.recv_into(mv[:n], wire.READ_TIMEOUT_S)
-                    except TimeoutError:
-                        raise transfer.TransferError(f"no lane data for {wire.READ_TIMEOUT_S:g} s",
-                                                     "timeout") from None
-                    except wire.WireError as exc:
-                        raise transfer.TransferError(str(exc), exc.kind) from None
-                    except OSError as exc:
-                        raise transfer.TransferError(f"lane broke: {exc}", "broken") from None
-                    part.write(mv[:n])
-                    remaining -= n
-                    received += n
-                    if progress is not None:
-                        progress(received)
-                    if faults is not None and faults.check("recv", bytes=received, **ctx) == "break":
-                        raise transfer.TransferError(f"lane broken on purpose after {received} bytes "
-                                                     "(--test-faults)", "test_fault")
-                verifier.submit(part, entry, sch)
-                handed = True
-            finally:
-                if not handed:
-                    _settle(store, part, entry, sch)
+        while sink.next_layer() is not None:
+            while n := sink.want():
+                try:
+                    k = conn.recv_some_into(mv[:n], wire.READ_TIMEOUT_S, FILL_S)
+                except TimeoutError:
+                    raise transfer.TransferError(f"no lane data for {wire.READ_TIMEOUT_S:g} s", "timeout") from None
+                except wire.WireError as exc:
+                    raise transfer.TransferError(str(exc), exc.kind) from None
+                except OSError as exc:
+                    raise transfer.TransferError(f"lane broke: {exc}", "broken") from None
+                sink.feed(mv[:k])
+            verifier.wait()  # if the previous layer failed, the sink settles this one (complete) on the way out
+            verifier.submit(sink.complete())
         verifier.wait()
     finally:
         verifier.drain()
-    return received
+        sink.close()
+    return sink.received
 
 
 class _Progress:
