@@ -375,7 +375,7 @@ async def test_fallback_to_libp2p_when_the_lane_is_unreachable(tmp_path: Path,
     addr = [host_mod.listen_addrs(["/ip4/127.0.0.1/tcp/0"])[0]]
     try:
         async with a.run(listen_addrs=addr), b.run(listen_addrs=addr):
-            host_mod.register(b, wire.PROTO_BUNDLE, "bundle", rx.handle, Counters())
+            host_mod.register(b, wire.PROTO_BUNDLE, "bundle", rx.handle, Counters(), allowed=lambda _: True)
             await a.connect(info_from_p2p_addr(host_mod.listen_addrs(host_mod.dialable_addrs(b)[:1])[0]))
             cert = lane.LaneCert.generate()
             offer = lane.LaneOffer(dead_port, "lane-" + "1" * 32, b"\x01" * 32, lane.LaneCert.generate().der)
