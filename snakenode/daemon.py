@@ -245,10 +245,7 @@ class Daemon:
             pid = self.cfg.coordinator.split("/p2p/")[-1]
             self.service.discovery.hint(pid, [self.cfg.coordinator])  # only helps to connect
         if self.faults.has("handler"):
-            from snakenode.net import host as host_mod
-
-            host_mod.register(self.service.host, "/snake/test-raise/1.0.0", "test-raise", self._raising_handler,
-                              self.service.counters)
+            self.service.register_protocol("/snake/test-raise/1.0.0", "test-raise", self._raising_handler)
         nursery.start_soon(self._worker_reaper)
         nursery.start_soon(self._measure_compute)
 

@@ -723,21 +723,28 @@ async def test_closed_bootstrap_peer_drops_unlisted_peers(world: World) -> None:
 @pytest.mark.timeout(30)
 async def test_every_snake_protocol_is_registered_behind_allowed_peers() -> None:
     """Stream handlers refuse unlisted peers themselves too (defence in depth behind the connection check):
-    every protocol registration in the code passes the `allowed` predicate, and the wrapper refuses with
-    a named error and a counter (shown here on an in-process host whose predicate refuses everyone)."""
+    the node registers every protocol through NetService.register_protocol, which always applies the wrapper
+    and the node's allowlist; the one lower-level registration (peer exchange, inside net/) states the
+    allowlist, and only /ipfs/ping bypasses both (net/liveness.py says why). The wrapper refuses with a
+    named error and a counter (shown here on an in-process host whose predicate refuses everyone)."""
+    import inspect
     import re
     from pathlib import Path
 
     from snakenode.counters import Counters
     from snakenode.net import host as host_mod
+    from snakenode.net.service import NetService
 
     root = Path(__file__).resolve().parents[1] / "snakenode"
     sources = {p.relative_to(root).as_posix(): p.read_text() for p in root.rglob("*.py")}
-    calls = [(name, m.group(0)) for name, text in sources.items()
-             for m in re.finditer(r"(?<!def )(?<![\w.])(?:host_mod\.)?register\([^)]*\)", text)]
-    assert len(calls) >= 6, calls  # negotiate, bundle, state, cs, peers, test-raise
-    for where, call in calls:
-        assert "test-raise" in call or call.rstrip(")").rstrip().endswith("allowed"), (where, call)
+    via_service = [m.group(0) for text in sources.values() for m in re.finditer(r"\.register_protocol\(", text)]
+    assert len(via_service) >= 5, via_service  # negotiate, bundle, state, cs, test-raise
+    assert "self.allowed)" in inspect.getsource(NetService.register_protocol)
+    low = [(name, m.group(0)) for name, text in sources.items()
+           for m in re.finditer(r"(?<!def )(?<![\w.])(?:host_mod\.)?register\([^)]*\)", text)]
+    assert sorted(name for name, _ in low) == ["net/discovery.py", "net/service.py"], low
+    for where, call in low:
+        assert call.rstrip(")").rstrip().endswith("allowed"), (where, call)
     direct = sorted(name for name, text in sources.items() if ".set_stream_handler(" in text)
     assert direct == ["net/host.py", "net/liveness.py"], direct  # register() itself, and /ipfs/ping
     served = Counters()

@@ -130,12 +130,10 @@ class Snake:
                 self.jobs[run.job_id] = run
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        host = self.svc.host
-        allowed = self.svc.allowed
-        host_mod.register(host, wire.PROTO_NEGOTIATE, "negotiate", self._serve_negotiate, self.counters, allowed)
-        host_mod.register(host, wire.PROTO_BUNDLE, "bundle", self._serve_bundle, self.counters, allowed)
-        host_mod.register(host, wire.PROTO_STATE, "state", self._serve_state, self.counters, allowed)
-        host_mod.register(host, wire.PROTO_CS, "cs", self.cs.serve, self.counters, allowed)
+        self.svc.register_protocol(wire.PROTO_NEGOTIATE, "negotiate", self._serve_negotiate)
+        self.svc.register_protocol(wire.PROTO_BUNDLE, "bundle", self._serve_bundle)
+        self.svc.register_protocol(wire.PROTO_STATE, "state", self._serve_state)
+        self.svc.register_protocol(wire.PROTO_CS, "cs", self.cs.serve)
         assert self.svc.gossip is not None
         self.svc.gossip.on("jobs", self._on_jobs_msg)
         self.svc.gossip.on("progress", self._on_progress_msg)
