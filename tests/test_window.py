@@ -1,4 +1,4 @@
-"""The serpentine window (DESIGN.md's worked example, verbatim) and capacity sizing."""
+"""The serpentine window (docs/DESIGN.md's worked example, verbatim) and capacity sizing."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def walk(sizes: list[int], blocks: int) -> list[Window]:
 
 
 def test_design_worked_example_verbatim() -> None:
-    # DESIGN.md: 8 blocks, window sizes chosen by successive nodes 2, 3, 2, 3, 1, 2, 3:
+    # docs/DESIGN.md: 8 blocks, window sizes chosen by successive nodes 2, 3, 2, 3, 1, 2, 3:
     # [0,2) -> [2,5) -> [5,7) -> [5,8) (clamped at the end; direction turns) -> [4,5) -> [2,4) -> [0,3)
     # (clamped at the start; direction turns again).
     windows = walk([2, 3, 2, 3, 1, 2, 3], 8)

@@ -1,6 +1,6 @@
 """The libp2p host: TCP + Noise + Yamux only, safe stream handlers, framed stream I/O.
 
-Hazards of py-libp2p 0.8.1 that this module exists to contain (../shared/notes/libp2p.md):
+Hazards of py-libp2p 0.8.1 that this module exists to contain (docs/DESIGN.md, "py-libp2p 0.8.1"):
 - an exception escaping a stream handler can take the whole node down -> `safe_handler` catches
   everything, logs, counts and resets the stream;
 - a stream opened and closed without a write wedges its connection -> `StreamIO` always writes a frame
