@@ -52,9 +52,9 @@ def test_every_counter_family_in_the_code_is_documented() -> None:
 # DESIGN.md outside docs/ means a design document that is not in the repository (ours is docs/DESIGN.md).
 _OUTSIDE = [re.compile(p) for p in (r"\.\./shared", r"/work/\w", r"(?<![\w/.-])notes/[\w-]+\.md")]
 _BARE_DESIGN = re.compile(r"(?<![\w/.-])DESIGN\.md")
-# Cited in files that the lane split (part A) and the redesign of snake/ (part B) rewrite; the lead drops
-# this set and the strict xfail below when they land.
-_CITED_ELSEWHERE = {"snakenode/snake/p2p.py", "snakenode/net/lane.py"}
+# Cited in a file that the redesign of snake/ (part B) rewrites (the lane split, part A, has landed); the lead drops
+# this set and the strict xfail below when it lands.
+_CITED_ELSEWHERE = {"snakenode/snake/p2p.py"}
 
 
 def _outside_citations(only: set[str] | None = None) -> list[str]:
@@ -80,8 +80,8 @@ def test_docs_and_docstrings_cite_only_files_in_the_repository() -> None:
     assert not found, "cite docs/DESIGN.md (or another file in the repository) instead:\n" + "\n".join(found)
 
 
-@pytest.mark.xfail(strict=True, reason="p2p.py and lane.py are rewritten by the redesign of snake/ (part B) and "
-                                       "the lane split (part A), which repoint their citations")
+@pytest.mark.xfail(strict=True, reason="p2p.py is rewritten by the redesign of snake/ (part B), which repoints its "
+                                       "citations")
 def test_the_snake_core_and_the_lane_cite_only_files_in_the_repository() -> None:
     found = _outside_citations(_CITED_ELSEWHERE)
     assert not found, "\n".join(found)

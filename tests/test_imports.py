@@ -34,10 +34,10 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("snakenode", "bootstrap", "scenarios")
 MAX_LINES = 600
 
-# Violations that only the redesign of snake/ (part B) and the lane split (part A) remove. Each has its
+# Violations that only the redesign of snake/ (part B) removes (the lane split, part A, has landed). Each has its
 # own strict-xfail test below; the lead drops these sets together with the xfail markers at the merge.
 KNOWN_CIRCLE = {"snakenode.daemon", "snakenode.snake.p2p", "snakenode.snake.coordinator"}
-KNOWN_LARGE = {"snakenode.snake.p2p", "snakenode.net.lane"}
+KNOWN_LARGE = {"snakenode.snake.p2p"}
 
 
 @dataclass
@@ -286,8 +286,7 @@ def test_no_module_over_600_lines(graph: Graph) -> None:
     assert not big, _fmt(big, f"modules over {MAX_LINES} lines (split them by concern)")
 
 
-@pytest.mark.xfail(strict=True, reason="snake/p2p.py is split by the redesign of snake/ (part B), net/lane.py by "
-                                       "the lane split (part A)")
+@pytest.mark.xfail(strict=True, reason="snake/p2p.py is split by the redesign of snake/ (part B)")
 def test_the_known_large_modules_are_split(graph: Graph) -> None:
     big = sorted(f"{m} ({graph.lines[m]} lines)" for m in KNOWN_LARGE if graph.lines.get(m, 0) > MAX_LINES)
     assert not big, _fmt(big, f"modules over {MAX_LINES} lines")
