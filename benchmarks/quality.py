@@ -24,7 +24,9 @@ out/bench/quality/.
     python benchmarks/quality.py --tasks cnn-mnist5k --systems snake --seeds 0 --set kd.alpha=0.7
 
 `--set KEY=VALUE` (repeatable) overrides a job key of the snake (dotted, TOML-style values) to measure one
-lever; FedAvg and central are unaffected by it.
+lever; FedAvg and central are unaffected by it. Diagnostics: `QUALITY_RECAL=1` adds the snake's final test
+accuracy with every BatchNorm's statistics recomputed over the union; `QUALITY_ORDER=0,4,1,...` replays a
+given sequence of holders (node indices, one per hop; e.g. a real run's) instead of routing.
 """
 
 from __future__ import annotations
@@ -170,7 +172,8 @@ def run_snake(task: Task, partition: str, seed: int, data_seed: int, over: dict[
             ref = [float(sum(s["label_hist"][c] for s in stats)) for c in range(len(stats[0]["label_hist"]))]
         w = spec["window"]
         size = min(int(w["max_blocks"]), blocks)
-        S = st.start_job(JOB_ID, ids, ids[0], size, blocks)
+        forced = [int(v) for v in os.environ.get("QUALITY_ORDER", "").split(",") if v]
+        S = st.start_job(JOB_ID, ids, ids[forced[0] if forced else 0], size, blocks)
         curve: list[list[float]] = [[0.0, _test(eng, spec, state, nodes[0])]]
         hops = []
         t0 = time.monotonic()
@@ -189,7 +192,10 @@ def run_snake(task: Task, partition: str, seed: int, data_seed: int, over: dict[
                 break
             ranking = routing.rank(spec["routing"], S, S.holder, cands)
             assert ranking.best is not None, ranking
-            S = st.after_hop(S, ranking.best, size, spec=spec)
+            nxt = ranking.best
+            if forced:                  # diagnostic: replay a real run's holders (env QUALITY_ORDER)
+                nxt = ids[forced[S.hop + 1]]
+            S = st.after_hop(S, nxt, size, spec=spec)
         row = {"system": "snake", "client_epochs": curve[-1][0], "final": {"accuracy": curve[-1][1]},
                "curve": curve, "wall_s": round(time.monotonic() - t0, 1), "hops": hops,
                "local_epochs": int(spec["train"]["epochs"]), "job": {k: spec[k] for k in ("train", "kd", "window")}}
