@@ -41,6 +41,7 @@ lint: setup
 bench: setup-llm
 	$(BIN)/python benchmarks/memory.py --quick --json out/bench/memory.json
 	$(BIN)/python benchmarks/kd.py --quick --json out/bench/kd.json
+	$(BIN)/python benchmarks/quality.py --quick --procs 2 --json out/bench/quality.json
 	@# vs_flower and scale need root (one network namespace per host); vs_flower builds its own Flower venv.
 	$(BIN)/python benchmarks/vs_flower.py --quick --json out/bench/vs_flower.json
 	$(BIN)/python benchmarks/scale.py --quick --json out/bench/scale.json

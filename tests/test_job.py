@@ -74,7 +74,8 @@ def test_defaults_are_architecture_md() -> None:
     assert s["train"] == {"epochs": 1, "batch": 32, "lr": 0.05, "optimizer": "sgd", "momentum": 0.9,
                           "weight_decay": 0.0, "micro_batch": 0, "max_steps": 0, "frozen_dtype": "fp32",
                           "checkpoint_frozen": False, "seq_len": 128}
-    assert s["kd"] == {"mode": "auto", "alpha": 0.5, "T": 2.0, "reference": "uniform", "auto_threshold": 0.1}
+    assert s["kd"] == {"mode": "auto", "alpha": 0.5, "T": 2.0, "reference": "uniform", "auto_threshold": 0.1,
+                       "balance": "softmax"}
     assert s["window"] == {"min_blocks": 1, "max_blocks": 2, "hop_time_s": 120.0, "train_stem": True,
                            "train_head": True}
     assert s["lap"] == {"drop_after_s": 30.0, "max_declines": 3}

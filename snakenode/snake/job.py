@@ -156,6 +156,7 @@ TABLES: dict[str, dict[str, _Field]] = {
         "T": _float(2.0, 0.0, 100.0, lo_open=True),
         "reference": _enum("uniform", "uniform", "union"),
         "auto_threshold": _float(0.1, 0.0, 1.0),     # Jensen-Shannon divergence in nats (max ln 2)
+        "balance": _enum("softmax", "none", "softmax"),  # CE with the node's log label prior added (logit adjustment)
     },
     "window": {
         "min_blocks": _int(1, 1, 100_000),

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +227,7 @@ class Engine:
 
             stats = D.stats(spec)
             kd_on, js = K.kd_decision(kdc, model.task, stats["label_hist"], reference_hist)
+            kdc = replace(kdc, prior=tuple(stats["label_hist"]) or None)
             teacher = build_teacher(model, trainable, cfg.frozen_dtype) if kd_on and kdc.alpha > 0 else {}
 
             gen = torch.Generator()

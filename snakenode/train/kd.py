@@ -2,7 +2,10 @@
 
 loss = (1 - a) * CE(student, y) + a * T^2 * KL(teacher || student) on temperature-softened outputs,
 KL averaged per example (per token for LMs). The T^2 factor keeps the soft term's gradient scale
-independent of T (Hinton et al.). Over a large vocabulary neither the logits nor their softmax are ever
+independent of T (Hinton et al.). For classification the CE is by default the balanced softmax
+(`kd.balance = "softmax"`): the node's log label frequencies are added to the student's logits inside the CE
+only, so a node that lacks a class stops pushing that class down (measured on the `cnn` under label skew:
+benchmarks/README.md, "quality.py"). Over a large vocabulary neither the logits nor their softmax are ever
 materialised for a whole batch: `chunked_lm_loss` walks token chunks, each under activation checkpointing,
 so peak memory is one chunk's logits whatever the sequence length.
 """
@@ -21,6 +24,7 @@ from snakenode.train.data import js_divergence
 
 KD_MODES = ("on", "off", "auto")
 KD_REFERENCES = ("uniform", "union")
+KD_BALANCES = ("none", "softmax")
 
 
 @dataclass(frozen=True)
@@ -30,16 +34,21 @@ class KDConfig:
     T: float = 2.0
     reference: str = "uniform"
     auto_threshold: float = 0.1
+    balance: str = "softmax"
+    prior: tuple[float, ...] | None = None    # the node's label histogram, set per hop by the engine
 
     @classmethod
     def from_job(cls, job: dict[str, Any]) -> KDConfig:
         kd = job.get("kd") or {}
         c = cls(str(kd.get("mode", "auto")), float(kd.get("alpha", 0.5)), float(kd.get("T", 2.0)),
-                str(kd.get("reference", "uniform")), float(kd.get("auto_threshold", 0.1)))
+                str(kd.get("reference", "uniform")), float(kd.get("auto_threshold", 0.1)),
+                str(kd.get("balance", "softmax")))
         if c.mode not in KD_MODES:
             raise ValueError(f"kd.mode must be one of {KD_MODES}, got {c.mode!r}")
         if c.reference not in KD_REFERENCES:
             raise ValueError(f"kd.reference must be one of {KD_REFERENCES}, got {c.reference!r}")
+        if c.balance not in KD_BALANCES:
+            raise ValueError(f"kd.balance must be one of {KD_BALANCES}, got {c.balance!r}")
         if not (0.0 <= c.alpha <= 1.0) or c.T <= 0:
             raise ValueError(f"kd.alpha must be in [0, 1] and kd.T > 0, got alpha={c.alpha}, T={c.T}")
         return c
@@ -70,11 +79,28 @@ def kd_decision(cfg: KDConfig, task: str, label_hist: list[int] | None,
     return on, js
 
 
+def log_prior(hist: tuple[float, ...] | list[float] | None) -> torch.Tensor | None:
+    """log of the add-one smoothed class frequencies of a label histogram (None when there is none).
+
+    Add-one keeps a class the node lacks finite: its logit is lowered by ~log(samples), so the
+    cross-entropy stops pushing it down without ever training it up."""
+    if not hist or sum(hist) <= 0:
+        return None
+    h = torch.tensor([float(v) for v in hist], dtype=torch.float32) + 1.0
+    return torch.log(h / h.sum())
+
+
 def kd_loss(student: torch.Tensor, teacher: torch.Tensor | None, targets: torch.Tensor, alpha: float,
-            T: float, reduction: str = "mean") -> torch.Tensor:
+            T: float, reduction: str = "mean", prior: torch.Tensor | None = None) -> torch.Tensor:
     """Classification KD loss over rows of logits. teacher=None (KD off) gives plain CE.
-    reduction='sum' returns the sum over rows (used by the chunked LM loss)."""
-    ce = F.cross_entropy(student.float(), targets, reduction="sum")
+    reduction='sum' returns the sum over rows (used by the chunked LM loss).
+
+    `prior` (log class frequencies of the node's labels, `log_prior`) turns the CE into the balanced
+    softmax (logit adjustment): CE(logits + prior, y). Under label skew plain CE lowers the logits of every
+    class the node lacks; with the prior added, those classes already look improbable to the loss, so
+    their logits, and the features that feed them, are left to the KD term."""
+    ce = F.cross_entropy(student.float() + prior if prior is not None else student.float(), targets,
+                         reduction="sum")
     n = targets.numel()
     if teacher is None or alpha == 0.0:
         return ce if reduction == "sum" else ce / n

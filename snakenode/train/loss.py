@@ -50,7 +50,8 @@ def window_loss(model: LayeredModel, x: torch.Tensor, y: torch.Tensor, order: li
     if model.task == "lm":
         return lm_loss(model, hs, y, ht, teacher, kdc.alpha if teacher else 0.0, kdc.T, chunk_tokens)
     t_logits = None if ht is None else model.project(ht, teacher.get("stem"), teacher.get("head"))
-    return K.kd_loss(model.project(hs), t_logits, y, kdc.alpha if teacher else 0.0, kdc.T)
+    prior = K.log_prior(kdc.prior) if kdc.balance == "softmax" else None
+    return K.kd_loss(model.project(hs), t_logits, y, kdc.alpha if teacher else 0.0, kdc.T, prior=prior)
 
 
 def lm_loss(model: LayeredModel, hs: torch.Tensor, y: torch.Tensor, ht: torch.Tensor | None,
