@@ -782,8 +782,8 @@ def _connect_as_nobody(path: str) -> str:
             except OSError:
                 os._exit(4)  # the kernel said no: the test did not reach the daemon's check
             req = wire.packb({"op": "status", "args": {}})
-            s.sendall(wire.HEADER.pack(len(req)) + req)
-            try:
+            try:  # the daemon may close before the request is written: a refusal too (EPIPE / ECONNRESET)
+                s.sendall(wire.HEADER.pack(len(req)) + req)
                 code = 1 if s.recv(4) else 0  # an answer means the uid check let us in
             except OSError:
                 code = 0
