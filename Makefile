@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup setup-llm demo test test-scenarios lint bench clean
+.PHONY: setup setup-llm demo test test-scenarios lint bench doctor clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,9 @@ bench: setup-llm
 	@# vs_flower and scale need root (one network namespace per host); vs_flower builds its own Flower venv.
 	$(BIN)/python benchmarks/vs_flower.py --quick --json out/bench/vs_flower.json
 	$(BIN)/python benchmarks/scale.py --quick --json out/bench/scale.json
+
+doctor:
+	@$(PYTHON) scripts/doctor.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

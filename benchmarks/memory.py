@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import prereq
+
 ROOT = Path(__file__).resolve().parents[1]
 LMS = {"smollm2-135m", "opt-1.3b-arch"}
 FROZEN = "int8"
@@ -64,14 +66,15 @@ def job_for(model: str, batch: int, mode: str, steps: int) -> dict[str, Any]:
 
 def rss_file_mb() -> float:
     """File-backed resident memory (code and data pages of the loaded libraries)."""
-    from snakenode.train.engine import proc_status_mb
+    from snakenode.train.memory import proc_status_mb
 
     return proc_status_mb("RssFile")
 
 
 def child_init(model: str, store: str, out: str) -> None:
     from snakenode.layers.store import LayerStore
-    from snakenode.train.engine import Engine, tune_malloc
+    from snakenode.train.engine import Engine
+    from snakenode.train.memory import tune_malloc
 
     tune_malloc()
     eng = Engine(LayerStore(store))
@@ -89,8 +92,9 @@ def child_run(model: str, batch: int, mode: str, store: str, state_file: str, ou
 
     from snakenode.layers.store import LayerStore
     from snakenode.train import engine as E
+    from snakenode.train import memory as MEM
 
-    E.tune_malloc()
+    MEM.tune_malloc()
     torch.set_num_threads(os.cpu_count() or 1)
     init = json.loads(Path(state_file).read_text())
     state, blocks = init["state"], init["blocks"]
@@ -104,10 +108,10 @@ def child_run(model: str, batch: int, mode: str, store: str, state_file: str, ou
     from snakenode.train import data as D
 
     D.stats(D.DataSpec.from_dict(data_for(model)))          # data statistics are the daemon's, not the hop's
-    base, base_file = E.rss_mb(), rss_file_mb()
+    base, base_file = MEM.rss_mb(), rss_file_mb()
     t0 = time.monotonic()
     res = eng.train_hop(job, state, window, stem, head, data_for(model), None, None, None, evaluate=False)
-    peak = E.peak_rss_mb() - base
+    peak = MEM.peak_rss_mb() - base
     code = max(0.0, rss_file_mb() - base_file)         # library pages first touched in the hop (file-backed)
     model_obj = eng.loaded.model if eng.loaded else None
     trainable = frozen = 0
@@ -174,6 +178,8 @@ def main() -> int:
     if a.only:
         keep = set(a.only.split(","))
         todo = [c for c in todo if f"{c[0]}@{c[1]}" in keep]
+    if any(model in LMS for model, _ in todo):
+        prereq.require_llm("memory.py")
     tmp = Path(tempfile.mkdtemp(prefix="snakenode-bench-"))
     store = a.store or str(tmp / "store")
     results: dict[str, Any] = {"full_mb": {}, "snake_hop_mb": {}, "ratio": {}, "parts": {}, "full_parts": {}, "runs": {},

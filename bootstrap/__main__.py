@@ -10,19 +10,21 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
+
+# the node settings a bootstrap peer takes as flags; names, help and allowed values come from the table
+FLAGS = ("listen", "announce", "bootstrap", "network", "allowed_peers", "ping_interval_s", "log_level")
 
 
 def main(argv: list[str] | None = None) -> int:
+    from snakenode.config import SETTING_BY_NAME
+
     parser = argparse.ArgumentParser(prog="python -m bootstrap", description=__doc__.splitlines()[0])
     parser.add_argument("--home", required=True, type=Path, help="directory for identity.key and node.json")
-    parser.add_argument("--listen", action="append", help="multiaddr to listen on (default /ip4/0.0.0.0/tcp/4001)")
-    parser.add_argument("--announce", action="append", help="multiaddr to advertise instead")
-    parser.add_argument("--bootstrap", action="append", help="other bootstrap peers to link up with")
-    parser.add_argument("--network", help="network name (default snake)")
-    parser.add_argument("--allowed-peer", action="append", dest="allowed_peers",
-                        help="closed network: only these peer ids may connect (repeatable)")
-    parser.add_argument("--ping-interval", type=float, dest="ping_interval_s")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    for name in FLAGS:
+        s = SETTING_BY_NAME[name]
+        kind: dict[str, Any] = {"action": "append"} if s.kind is list else {"type": s.kind}
+        parser.add_argument(s.flag, dest=name, choices=s.choices, help=s.help, **kind)
     args = parser.parse_args(argv)
 
     from snakenode import config, identity, logs

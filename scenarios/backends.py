@@ -307,16 +307,4 @@ class NetnsBackend(ProcessBackend):
         return out
 
 
-def make(name: str, scenario: Scenario, workdir: Path) -> Backend:
-    if name == "local":
-        return LocalBackend(scenario, workdir)
-    if name == "netns":
-        return NetnsBackend(scenario, workdir)
-    if name == "compose":
-        from scenarios.compose import ComposeBackend
-
-        return ComposeBackend(scenario, workdir)
-    raise Refused(f"unknown backend {name!r}: use local, netns or compose")
-
-
-__all__ = ["Backend", "LocalBackend", "NetnsBackend", "Refused", "make", "node_flags", "test_faults", "wait_for"]
+__all__ = ["Backend", "LocalBackend", "NetnsBackend", "Refused", "node_flags", "test_faults", "wait_for"]

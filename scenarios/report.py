@@ -11,12 +11,28 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from scenarios import analysis, expect
+from scenarios.spec import Scenario
 
-if TYPE_CHECKING:
-    from scenarios.runner import Runner
+
+class RunView(Protocol):
+    """What a report reads of a finished run. scenarios.runner.Runner provides it; the report names this
+    protocol instead of the runner, which imports the report (no import circle)."""
+
+    sc: Scenario
+    backend_name: str
+    dir: Path
+    faults: list[analysis.FaultRecord]
+    job_ids: dict[str, str]
+    submitted_at: float
+    fetched: dict[str, dict[str, Any]]
+    peer: dict[str, str]
+    error: str
+    notes: list[str]
+
+    def facts(self, jname: str, records: list[dict[str, Any]], ended: float) -> expect.Facts: ...
 
 
 def _rel(t: float | None, t0: float) -> float | None:
@@ -63,7 +79,7 @@ def hop_rows(facts: expect.Facts, t0: float) -> list[dict[str, Any]]:
     return rows
 
 
-def fault_rows(run: Runner, claims: list[analysis.Claim], t0: float) -> list[dict[str, Any]]:
+def fault_rows(run: RunView, claims: list[analysis.Claim], t0: float) -> list[dict[str, Any]]:
     rows = []
     for f in sorted(run.faults, key=lambda x: (x.t is None, x.t or 0.0)):
         rows.append({
@@ -75,7 +91,7 @@ def fault_rows(run: Runner, claims: list[analysis.Claim], t0: float) -> list[dic
     return rows
 
 
-def build(run: Runner, records: dict[str, list[dict[str, Any]]], started: float) -> dict[str, Any]:
+def build(run: RunView, records: dict[str, list[dict[str, Any]]], started: float) -> dict[str, Any]:
     """Judge the expectations, write report.json and the plots; returns the report."""
     ended = time.time()
     t0 = run.submitted_at

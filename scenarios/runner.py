@@ -8,7 +8,6 @@ killed, namespaces removed) before `execute` returns, including on Ctrl-C and SI
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import signal
@@ -18,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from scenarios import analysis, collect, expect, jobfile, timeline
-from scenarios.backends import Backend, Refused, make
+from scenarios import analysis, collect, expect, jobfile, report, timeline
+from scenarios.backends import Backend, Refused
+from scenarios.choice import backend_class, make
 from scenarios.procs import WaitTimeout, wait_for
 from scenarios.spec import HOST_FAULTS, Host, Scenario
 
@@ -35,27 +35,12 @@ HOOK_STATE = {"recv": "receiving", "send": "sending", "train": "training", "hand
               "propose": "sending", "accept": "idle", "handler": "idle", "assign": "idle", "upload": "sending"}
 
 
-def coordinator_available() -> bool:
-    """CS mode needs the coordinator role's implementation (snakenode/snake/coordinator.py)."""
-    return importlib.util.find_spec("snakenode.snake.coordinator") is not None
-
-
 def refusal(scenario: Scenario, backend: str) -> str | None:
     """Why `scenario` cannot run on `backend` here; None when it can."""
-    if scenario.needs_coordinator and not coordinator_available():
-        return (f"CS mode not available in this build: scenario {scenario.name!r} needs a node role coordinator "
-                f"(snakenode/snake/coordinator.py does not exist yet); run it once CS mode lands")
-    from scenarios.backends import LocalBackend, NetnsBackend
-
-    cls: Any
-    if backend == "compose":
-        from scenarios.compose import ComposeBackend
-
-        cls = ComposeBackend
-    else:
-        cls = {"local": LocalBackend, "netns": NetnsBackend}.get(backend)
-    if cls is None:
-        return f"unknown backend {backend!r}: use local, netns or compose"
+    try:
+        cls = backend_class(backend)
+    except Refused as exc:
+        return str(exc)
     return cls.refusal(scenario)
 
 
@@ -150,8 +135,6 @@ class Runner:
                 self.b.close()
             finally:
                 signal.signal(signal.SIGTERM, old_term)
-        from scenarios import report
-
         rep = report.build(self, records, started)
         if code == EXIT_OK and not rep["ok"]:
             code = EXIT_FAILED

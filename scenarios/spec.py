@@ -151,10 +151,6 @@ class Scenario:
         """Why this scenario needs a backend with real links (netns or compose); [] when local will do."""
         return [f"{f.label} ({f.kind})" for f in self.faults if f.kind in NEEDS_LINKS]
 
-    @property
-    def needs_coordinator(self) -> bool:
-        return any(h.role == "coordinator" for h in self.hosts) or any(j.spec.get("mode") == "cs" for j in self.jobs)
-
 
 # ---------------------------------------------------------------------------------------------- helpers
 

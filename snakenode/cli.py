@@ -6,11 +6,12 @@ only talk to a daemon import neither torch nor libp2p, so they answer at once.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 
@@ -24,7 +25,7 @@ HomeOpt = typer.Option(DEFAULT_HOME, "--home", help="node directory (env SNAKENO
 JsonOpt = typer.Option(False, "--json", help="machine-readable output")
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1) -> NoReturn:
     print(f"error: {message}", file=sys.stderr)
     raise typer.Exit(code)
 
@@ -45,6 +46,42 @@ def _call(home: Path, op: str, args: dict[str, Any] | None = None, timeout: floa
         _fail(f"cannot reach the node in {home}: {exc}", 2)
 
 
+def _reach(home: Path, op: str, timeout: float) -> bool:
+    """Tell a running node something it may also learn at its next start: False (and nothing printed) when
+    no node runs in HOME, since the caller has already done what matters."""
+    from snakenode import control
+    from snakenode.home import NoDaemon
+
+    try:
+        control.call(home, op, None, timeout=timeout)
+    except NoDaemon:
+        return False
+    except (control.ControlError, TimeoutError, OSError) as exc:
+        print(f"warning: the node in {home} did not take the change now ({exc}); it reads it at its next "
+              "start", file=sys.stderr)
+        return False
+    return True
+
+
+def match_job_id(given: str, known: list[str]) -> str:
+    """The job id `given` names: itself when known, else the one id it is a prefix of. An unknown id is
+    returned as given (the node says it is not known); a prefix of several ids is an error that lists them."""
+    if not given or given in known:
+        return given
+    matches = sorted(j for j in known if j.startswith(given))
+    if len(matches) > 1:
+        raise ValueError(f"job id prefix {given!r} is ambiguous: it matches {', '.join(matches)}; "
+                         "give more of the id")
+    return matches[0] if matches else given
+
+
+def _job_id(home: Path, given: str) -> str:
+    try:
+        return match_job_id(given, [r["job_id"] for r in _call(home, "jobs")])
+    except ValueError as exc:
+        _fail(str(exc))
+
+
 def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
@@ -56,44 +93,18 @@ def _console() -> Any:
 
 
 # --- start -------------------------------------------------------------------------------------------
-@app.command()
-def start(
-    home: Path = HomeOpt,
-    listen: list[str] = typer.Option(None, "--listen", help="multiaddr to listen on (repeatable; default /ip4/0.0.0.0/tcp/4001)"),
-    announce: list[str] = typer.Option(None, "--announce", help="multiaddr to advertise instead (repeatable)"),
-    bootstrap: list[str] = typer.Option(None, "--bootstrap", help="bootstrap peer multiaddr with /p2p/ (repeatable)"),
-    mdns: bool = typer.Option(None, "--mdns/--no-mdns", help="mDNS discovery on the LAN (trusted networks only)"),
-    network: str = typer.Option(None, "--network", help="network name (separates gossip topics)"),
-    role: str = typer.Option(None, "--role", help="node or coordinator"),
-    data: str = typer.Option(None, "--data", help="local data NAME[:PATH], e.g. digits, mnist5k, text:pydoc"),
-    partition: str = typer.Option(None, "--partition", help="iid, dirichlet:ALPHA or shards:K"),
-    shard: str = typer.Option(None, "--shard", help="this node's share I/N"),
-    seed: int = typer.Option(None, "--seed", help="partition seed"),
-    memory_budget: int = typer.Option(None, "--memory-budget", help="MB this node may use for training"),
-    coordinator: str = typer.Option(None, "--coordinator", help="CS mode: coordinator multiaddr (helps connect)"),
-    lane_port: int = typer.Option(None, "--lane-port", help="fast bulk lane TCP port (0 = any free, -1 = no lane)"),
-    trusted: list[str] = typer.Option(None, "--trust", help="peer id whose jobs to accept (repeatable)"),
-    allowed_peer: list[str] = typer.Option(None, "--allowed-peer", help="closed network: peer id allowed (repeatable)"),
-    ping_interval: float = typer.Option(None, "--ping-interval", help="liveness ping period, seconds"),
-    compute_slowdown: float = typer.Option(None, "--compute-slowdown", help="emulate a slower device (scenarios)"),
-    log_level: str = typer.Option(None, "--log-level", help="debug, info, warning or error"),
-    test_faults: str = typer.Option(None, "--test-faults", help="TEST ONLY fault hooks, e.g. exit@recv:after_bytes=100000"),
-) -> None:
+def start(**given: Any) -> None:
     """Run a node in the foreground (logs on stderr; Ctrl-C or SIGTERM stops it within 5 s)."""
     from snakenode import config, identity, logs
 
-    flags: dict[str, Any] = {
-        "listen": listen or None, "announce": announce or None, "bootstrap": bootstrap or None,
-        "mdns": mdns, "network": network, "role": role, "data": data, "partition": partition, "shard": shard,
-        "seed": seed, "memory_budget_mb": memory_budget, "coordinator": coordinator, "lane_port": lane_port,
-        "trusted_submitters": trusted or None, "allowed_peers": allowed_peer or None,
-        "ping_interval_s": ping_interval, "compute_slowdown": compute_slowdown, "log_level": log_level,
-        "test_faults": test_faults,
-    }
+    home = given.pop("home")
+    # a repeatable flag given zero times arrives as an empty list: "not given", like any flag left out
+    flags = {k: (v or None) if isinstance(v, list) else v for k, v in given.items()}
     try:
         cfg = config.load(home, flags)
         if cfg.role == "bootstrap":
             _fail("role 'bootstrap' is run with `python -m bootstrap --home DIR`")
+        _check_data(cfg)
         ident = identity.load_or_create(cfg.home)
     except (config.ConfigError, identity.IdentityError) as exc:
         _fail(str(exc))
@@ -106,6 +117,46 @@ def start(
     except (StartupError, ValueError) as exc:
         _fail(str(exc))
     raise typer.Exit(run_foreground(daemon, daemon.cleanup))
+
+
+def _check_data(cfg: Any) -> None:
+    """The data flags name a dataset, a partition and a shard the training side knows. Checked here, on
+    the node's start path, not in config.py: the bootstrap peer loads config.py and must not reach the
+    training package (train.data is numpy-only, and the daemon imports it anyway)."""
+    from snakenode.config import ConfigError
+
+    if not cfg.data:
+        return
+    from snakenode.train import data as data_mod
+
+    try:
+        data_mod.DataSpec.from_flags(cfg.data, cfg.partition, cfg.shard, cfg.seed)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _start_signature() -> tuple[inspect.Signature, dict[str, Any]]:
+    """`start`'s options, one per setting that declares a flag in config.SETTINGS, with the table's help:
+    the flags, their help and their defaults are declared once, in that table."""
+    from snakenode.config import SETTINGS
+
+    kinds: dict[type, Any] = {list: list[str], bool: bool, int: int, float: float, str: str}
+    params = [inspect.Parameter("home", inspect.Parameter.KEYWORD_ONLY, default=HomeOpt, annotation=Path)]
+    for s in SETTINGS:
+        if not s.flag:
+            continue
+        decl = f"{s.flag}/--no-{s.flag[2:]}" if s.kind is bool else s.flag
+        default = s.default if s.default not in ("", []) else None
+        more = "; repeatable" if s.kind is list else ""
+        if default is not None:
+            more += f"; default {', '.join(default) if isinstance(default, list) else default}"
+        params.append(inspect.Parameter(s.name, inspect.Parameter.KEYWORD_ONLY, annotation=kinds[s.kind],
+                                        default=typer.Option(None, decl, help=s.help + more)))
+    return inspect.Signature(params, return_annotation=None), {p.name: p.annotation for p in params}
+
+
+start.__signature__, start.__annotations__ = _start_signature()  # type: ignore[attr-defined]
+app.command()(start)
 
 
 # --- id ----------------------------------------------------------------------------------------------
@@ -280,6 +331,7 @@ def watch(
     """Live progress of a job: hop, lap, holder, window, metrics, bytes (exits when the job completes)."""
     import time as _time
 
+    job_id = _job_id(home, job_id)
     since = 0
     last_live: dict[str, Any] | None = None
     t0 = _time.monotonic()
@@ -321,6 +373,7 @@ def fetch(
     as_json: bool = JsonOpt,
 ) -> None:
     """Write a completed job's final model (one safetensors file, loadable by the engine)."""
+    job_id = _job_id(home, job_id)
     result = _call(home, "fetch", {"job_id": job_id, "out": str(out.expanduser().resolve())}, timeout=600)
     if as_json:
         _print_json(result)
@@ -330,8 +383,10 @@ def fetch(
 
 
 @app.command()
-def resume(job_id: str = typer.Argument(..., help="job id"), home: Path = HomeOpt, as_json: bool = JsonOpt) -> None:
+def resume(job_id: str = typer.Argument(..., help="job id (a unique prefix is enough)"), home: Path = HomeOpt,
+           as_json: bool = JsonOpt) -> None:
     """Restart a job whose baton holders were all lost, from the highest committed hop any node holds."""
+    job_id = _job_id(home, job_id)
     result = _call(home, "resume", {"job_id": job_id}, timeout=60)
     if as_json:
         _print_json(result)
@@ -390,10 +445,7 @@ def trust_add(peer_id: str, home: Path = HomeOpt) -> None:
     added = configfile.add_to_list(_config_path(home), "trusted_submitters", peer_id)
     print(("trusted " if added else "already trusted ") + peer_id)
     if added:
-        try:
-            _call(home, "reload_trust", timeout=2)
-        except typer.Exit:
-            pass  # no daemon: the next start reads the file
+        _reach(home, "reload_trust", timeout=2)  # no node running: its next start reads the file
 
 
 @trust_app.command("list")

@@ -1,8 +1,13 @@
 """Node configuration: HOME/snakenode.toml < SNAKENODE_* environment < command-line flags.
 
-Every setting is declared once in SETTINGS (name, type, default, allowed values, help); the loader, the
-validator, `snakenode start --help` and docs/OPERATIONS.md all come from that table, so they cannot
+Every setting is declared once in SETTINGS (name, type, default, allowed values, help, command-line
+flag); `NodeConfig`'s defaults, the loader, the validator, the flags of `snakenode start` and
+`python -m bootstrap` with their help, and docs/OPERATIONS.md all come from that table, so they cannot
 drift apart. Errors name the setting, where it came from and what is allowed.
+
+Standard library only: the bootstrap peer loads this module and must not reach the training package or
+torch. Checks that need the dataset code (the `data`, `partition`, `shard` flags) are made by the node's
+own start path (`snakenode.cli.start`), which imports `snakenode.train.data` anyway.
 """
 
 from __future__ import annotations
@@ -44,23 +49,29 @@ class Setting:
     choices: tuple[str, ...] | None = None
     minimum: float | None = None
     maximum: float | None = None
+    flag: str = ""  # the `snakenode start` flag ("" = config file and environment only)
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("network", str, "snake", "network name; nodes only see peers of the same network (gossip topics)"),
-    Setting("role", str, "node", "node, coordinator (CS mode Process Controller) or bootstrap", choices=ROLES),
-    Setting("listen", list, ["/ip4/0.0.0.0/tcp/4001"], "multiaddrs to listen on (use /tcp/0 for any free port)"),
-    Setting("announce", list, [], "multiaddrs to advertise instead of the listen addresses (NAT, containers)"),
-    Setting("bootstrap", list, [], "bootstrap peers, full multiaddrs with /p2p/PEER_ID"),
-    Setting("mdns", bool, False, "discover peers by mDNS on the local network (trusted LANs only)"),
+    Setting("network", str, "snake", "network name; nodes only see peers of the same network (gossip topics)",
+            flag="--network"),
+    Setting("role", str, "node", "node, coordinator (CS mode Process Controller) or bootstrap", choices=ROLES,
+            flag="--role"),
+    Setting("listen", list, ["/ip4/0.0.0.0/tcp/4001"], "multiaddrs to listen on (use /tcp/0 for any free port)",
+            flag="--listen"),
+    Setting("announce", list, [], "multiaddrs to advertise instead of the listen addresses (NAT, containers)",
+            flag="--announce"),
+    Setting("bootstrap", list, [], "bootstrap peers, full multiaddrs with /p2p/PEER_ID", flag="--bootstrap"),
+    Setting("mdns", bool, False, "discover peers by mDNS on the local network (trusted LANs only)", flag="--mdns"),
     Setting("data", str, "", "local data NAME[:PATH]: digits, mnist5k, cifar10:DIR, digits32, mnist32, "
-            "text:pydoc, text:DIR, synthetic; empty = no data (relay only)"),
-    Setting("partition", str, "iid", "partition of the data: iid, dirichlet:ALPHA or shards:K"),
-    Setting("shard", str, "0/1", "this node's share I/N of the partitioned data"),
-    Setting("seed", int, 0, "partition seed", minimum=0),
+            "text:pydoc, text:DIR, synthetic; empty = no data (relay only)", flag="--data"),
+    Setting("partition", str, "iid", "partition of the data: iid, dirichlet:ALPHA or shards:K", flag="--partition"),
+    Setting("shard", str, "0/1", "this node's share I/N of the partitioned data", flag="--shard"),
+    Setting("seed", int, 0, "partition seed", minimum=0, flag="--seed"),
     Setting("memory_budget_mb", int, 0, "memory the node may use for training (0 = half the machine's RAM)",
-            minimum=0),
-    Setting("ping_interval_s", float, 1.0, "liveness ping period per peer", minimum=0.1, maximum=60),
+            minimum=0, flag="--memory-budget"),
+    Setting("ping_interval_s", float, 1.0, "liveness ping period per peer", minimum=0.1, maximum=60,
+            flag="--ping-interval"),
     Setting("ping_timeout_s", float, 1.5, "a ping not answered within this counts as missed",
             minimum=0.1, maximum=60),
     Setting("ping_misses", int, 2, "consecutive missed pings before a peer is declared down",
@@ -69,58 +80,71 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("profile_ttl_s", float, 60.0, "forget a profile not refreshed for this long", minimum=2),
     Setting("max_peers", int, 64, "direct connections kept (every known peer up to this many)",
             minimum=1, maximum=1024),
-    Setting("trusted_submitters", list, [], "peer ids whose signed jobs this node accepts (its own always)"),
-    Setting("allowed_peers", list, [], "closed network: only these peer ids may talk to this node (empty = all)"),
+    Setting("trusted_submitters", list, [], "peer ids whose signed jobs this node accepts (its own always)",
+            flag="--trust"),
+    Setting("allowed_peers", list, [], "closed network: only these peer ids may talk to this node (empty = all)",
+            flag="--allowed-peer"),
     Setting("lane_port", int, 0, "TCP port of the fast bulk lane for large bundles (0 = any free port, -1 = no lane: "
-            "every bundle goes over libp2p)", minimum=-1, maximum=65535),
+            "every bundle goes over libp2p)", minimum=-1, maximum=65535, flag="--lane-port"),
     Setting("lane_announce_port", int, 0, "lane port put in lane offers instead of the listening one (port "
             "forwarding, containers; 0 = the listening port)", minimum=0, maximum=65535),
     Setting("lane_min_mb", float, 8.0, "bundles of at least this many MiB go over the lane, smaller ones over "
             "libp2p (0 = every bundle)", minimum=0),
-    Setting("coordinator", str, "", "CS mode: multiaddr of the coordinator (only helps the node connect)"),
+    Setting("coordinator", str, "", "CS mode: multiaddr of the coordinator (only helps the node connect)",
+            flag="--coordinator"),
     Setting("worker_threads", int, 0, "torch threads in the training worker (0 = cores - 1, at least 1)",
             minimum=0, maximum=256),
     Setting("worker_nice", int, 10, "nice level of the training worker (keeps the network loop responsive)",
             minimum=0, maximum=19),
     Setting("compute_slowdown", float, 1.0, "emulate a slower device: training takes this many times longer "
-            "and the advertised compute shrinks accordingly (scenarios)", minimum=1.0, maximum=1000),
-    Setting("log_level", str, "info", "log verbosity", choices=LOG_LEVELS),
-    Setting("test_faults", str, "", "TEST ONLY fault hooks (see OPERATIONS.md); refused unless given explicitly"),
+            "and the advertised compute shrinks accordingly (scenarios)", minimum=1.0, maximum=1000,
+            flag="--compute-slowdown"),
+    Setting("log_level", str, "info", "log verbosity", choices=LOG_LEVELS, flag="--log-level"),
+    Setting("test_faults", str, "", "TEST ONLY fault hooks (see OPERATIONS.md); refused unless given explicitly",
+            flag="--test-faults"),
 )
 SETTING_BY_NAME = {s.name: s for s in SETTINGS}
 
 
+def _default(name: str) -> Any:
+    """NodeConfig's default for a setting, taken from SETTINGS (a fresh list for list settings)."""
+    value = SETTING_BY_NAME[name].default
+    return field(default_factory=lambda: list(value)) if isinstance(value, list) else value
+
+
 @dataclass
 class NodeConfig:
+    """A node's validated settings; one field per entry of SETTINGS, in the same order (a test checks)."""
+
     home: Path
-    network: str = "snake"
-    role: str = "node"
-    listen: list[str] = field(default_factory=lambda: ["/ip4/0.0.0.0/tcp/4001"])
-    announce: list[str] = field(default_factory=list)
-    bootstrap: list[str] = field(default_factory=list)
-    mdns: bool = False
-    data: str = ""
-    partition: str = "iid"
-    shard: str = "0/1"
-    seed: int = 0
-    memory_budget_mb: int = 0
-    ping_interval_s: float = 1.0
-    ping_timeout_s: float = 1.5
-    ping_misses: int = 2
-    profile_refresh_s: float = 15.0
-    profile_ttl_s: float = 60.0
-    max_peers: int = 64
-    trusted_submitters: list[str] = field(default_factory=list)
-    allowed_peers: list[str] = field(default_factory=list)
-    lane_port: int = 0
-    lane_announce_port: int = 0
-    lane_min_mb: float = 8.0
-    coordinator: str = ""
-    worker_threads: int = 0
-    worker_nice: int = 10
-    compute_slowdown: float = 1.0
-    log_level: str = "info"
-    test_faults: str = ""
+    network: str = _default("network")
+    role: str = _default("role")
+    listen: list[str] = _default("listen")
+    announce: list[str] = _default("announce")
+    bootstrap: list[str] = _default("bootstrap")
+    mdns: bool = _default("mdns")
+    data: str = _default("data")
+    partition: str = _default("partition")
+    shard: str = _default("shard")
+    seed: int = _default("seed")
+    memory_budget_mb: int = _default("memory_budget_mb")
+    ping_interval_s: float = _default("ping_interval_s")
+    ping_timeout_s: float = _default("ping_timeout_s")
+    ping_misses: int = _default("ping_misses")
+    profile_refresh_s: float = _default("profile_refresh_s")
+    profile_ttl_s: float = _default("profile_ttl_s")
+    max_peers: int = _default("max_peers")
+    trusted_submitters: list[str] = _default("trusted_submitters")
+    allowed_peers: list[str] = _default("allowed_peers")
+    lane_port: int = _default("lane_port")
+    lane_announce_port: int = _default("lane_announce_port")
+    lane_min_mb: float = _default("lane_min_mb")
+    coordinator: str = _default("coordinator")
+    worker_threads: int = _default("worker_threads")
+    worker_nice: int = _default("worker_nice")
+    compute_slowdown: float = _default("compute_slowdown")
+    log_level: str = _default("log_level")
+    test_faults: str = _default("test_faults")
     sources: dict[str, str] = field(default_factory=dict, repr=False)
 
     @property
@@ -222,13 +246,6 @@ def _validate_semantics(cfg: NodeConfig) -> None:
                 identity.public_key_from_peer_id(pid)
             except ValueError as exc:
                 raise ConfigError(f"setting {name!r} (from {src(name)}): {exc}") from None
-    if cfg.data:
-        from snakenode.train import data as data_mod
-
-        try:
-            data_mod.DataSpec.from_flags(cfg.data, cfg.partition, cfg.shard, cfg.seed)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
     if cfg.test_faults:
         if src("test_faults").endswith(CONFIG_FILE):
             raise ConfigError("test_faults cannot come from the config file: pass --test-faults explicitly "
@@ -276,8 +293,9 @@ def load(home: Path, flags: dict[str, Any] | None = None, env: dict[str, str] | 
             continue
         if key not in SETTING_BY_NAME:
             raise ConfigError(f"unknown setting {key!r}")
-        values[key] = _coerce(SETTING_BY_NAME[key], value, f"--{key.replace('_', '-')}")
-        sources[key] = f"--{key.replace('_', '-')}"
+        flag = SETTING_BY_NAME[key].flag or f"--{key.replace('_', '-')}"
+        values[key] = _coerce(SETTING_BY_NAME[key], value, flag)
+        sources[key] = flag
 
     for key, value in values.items():
         _check(SETTING_BY_NAME[key], value, sources[key])
@@ -288,11 +306,12 @@ def load(home: Path, flags: dict[str, Any] | None = None, env: dict[str, str] | 
 
 def operations_table() -> str:
     """Markdown table of every setting, for docs/OPERATIONS.md (a test keeps the doc in sync)."""
-    lines = ["| setting | env | type | default | meaning |", "|---|---|---|---|---|"]
+    lines = ["| setting | env | flag | type | default | meaning |", "|---|---|---|---|---|---|"]
     for s in SETTINGS:
         kind = s.kind.__name__
         if s.choices:
             kind += " (" + "/".join(s.choices) + ")"
         default = s.default if s.default not in ("", []) else "—"
-        lines.append(f"| `{s.name}` | `{ENV_PREFIX}{s.name.upper()}` | {kind} | `{default}` | {s.help} |")
+        flag = f"`{s.flag}`" if s.flag else "—"
+        lines.append(f"| `{s.name}` | `{ENV_PREFIX}{s.name.upper()}` | {flag} | {kind} | `{default}` | {s.help} |")
     return "\n".join(lines)

@@ -21,8 +21,7 @@ from snakenode.control import ControlError
 from snakenode.faults import TEST_RAISE_PROTOCOL, Faults
 from snakenode.home import write_json_atomic
 from snakenode.identity import Identity
-from snakenode.net import host as host_mod
-from snakenode.net.lane import LaneServer
+from snakenode.net.lane.server import LaneServer
 from snakenode.net.service import NetService
 from snakenode.snake.context import NodeContext
 from snakenode.snake.node import Snake
@@ -251,8 +250,7 @@ class Daemon:
             pid = self.cfg.coordinator.split("/p2p/")[-1]
             self.service.discovery.hint(pid, [self.cfg.coordinator])  # only helps to connect
         if self.faults.has("handler"):
-            host_mod.register(self.service.host, TEST_RAISE_PROTOCOL, "test-raise", self.faults.raising_handler,
-                              self.service.counters)
+            self.service.register_protocol(TEST_RAISE_PROTOCOL, "test-raise", self.faults.raising_handler)
         nursery.start_soon(self.worker.reaper)
         nursery.start_soon(self._measure_compute)
 

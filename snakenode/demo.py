@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from snakenode import control, identity
+from snakenode import control, identity, metric
 from snakenode.snake import job as job_mod
 
 PR_SET_PDEATHSIG = 1
@@ -207,9 +207,10 @@ def summarize(detail: dict[str, Any], wall_s: float, bytes_total: int, mode: str
     laps = [r["detail"]["metric"] for g in groups for r in g if r["event"] == "lap_complete"]
     kd_on = sum(1 for h in hops if ((h.get("detail") or {}).get("kd") or {}).get("on"))
     bundles = sum(r["bytes"]["bundle_out"] for r in detail["records"] if r["event"] == "handoff")
+    final = metric.of(c.get("test"), job_mod.task(detail["spec"]))
     return {
         "job_id": s["job_id"], "mode": mode, "final_accuracy": (c.get("test") or {}).get("accuracy"),
-        "final_test": c.get("test"), "laps_completed": c.get("lap", s.get("lap")), "hops": len(hops),
+        "final_test": c.get("test"), "final_metric": final.as_dict(), "laps_completed": c.get("lap", s.get("lap")), "hops": len(hops),
         "blocks": s["blocks"], "windows": [[h["window"]["start"], h["window"]["end"]] for h in hops],
         "kd": {"mode": detail["spec"]["kd"]["mode"], "hops_on": kd_on, "hops_off": len(hops) - kd_on},
         "lap_val_metric": laps, "bytes_total": bytes_total, "bytes_bundles": bundles,
@@ -291,15 +292,18 @@ def _live_table(detail: dict[str, Any], names: dict[str, str], elapsed: float) -
 
     s = detail["summary"]
     t = Table(title=f"job {s['job_id']} — {s['status']} — {elapsed:.0f} s")
-    for col in ("hop", "lap", "holder", "window", "val before", "val after", "bundle bytes"):
-        t.add_column(col)
     recs = detail["records"]
     trained = [r for r in recs if r["event"] == "trained"][-12:]
+    key = metric.metric_name(trained[-1].get("metrics_after") if trained else None,
+                             job_mod.task(detail["spec"]) if detail.get("spec") else None)
+    arrow = "higher is better" if metric.METRICS[key] else "lower is better"
+    for col in ("hop", "lap", "holder", "window", f"val {key} before", f"val {key} after", "bundle bytes"):
+        t.add_column(col)
+    t.caption = f"val = the holder's own validation split; {key}: {arrow}"
     sent = {(r["hop"], r["attempt"]): r["bytes"]["bundle_out"] for r in recs if r["event"] == "handoff"}
     for r in trained:
         w = r["window"]
         mb, ma = r.get("metrics_before") or {}, r.get("metrics_after") or {}
-        key = "accuracy" if "accuracy" in ma else "perplexity"
         t.add_row(str(r["hop"]), str(r["lap"]), names.get(r["holder"], r["holder"][-8:]),
                   f"[{w['start']},{w['end']})", f"{mb.get(key, float('nan')):.3f}", f"{ma.get(key, float('nan')):.3f}",
                   str(sent.get((r["hop"] + 1, 0), "")))
@@ -310,11 +314,12 @@ def _print_summary(console: Any, summary: dict[str, Any], detail: dict[str, Any]
     from rich.table import Table
 
     t = Table(title="snakenode demo — summary", show_header=False)
-    acc = summary["final_accuracy"]
+    fm = summary["final_metric"]
+    final = metric.Metric(fm["name"], fm["value"], fm["higher_is_better"])
     t.add_row("job", summary["job_id"])
-    t.add_row("final test accuracy", "-" if acc is None else f"{acc:.4f}")
+    t.add_row(f"final test {final.label}", final.text())
     for i, m in enumerate(summary["lap_val_metric"]):
-        t.add_row(f"lap {i} mean post-hop val metric", f"{m:.4f}")
+        t.add_row(f"lap {i} mean post-hop validation {final.name}", f"{m:.4f}")
     t.add_row("laps / hops", f"{summary['laps_completed']} / {summary['hops']}")
     t.add_row("model depth (blocks)", str(summary["blocks"]))
     t.add_row("windows", " ".join(f"[{a},{b})" for a, b in summary["windows"]))

@@ -61,7 +61,11 @@ def test_image_datasets(name: str, n: int, shape: tuple[int, ...]) -> None:
     ds = D.load_dataset(name)
     assert len(ds) == n and ds.input_shape == shape and ds.num_classes == 10
     x = ds.features(np.arange(5))
-    assert x.shape == (5, *shape) and x.dtype == np.float32 and 0.0 < x.max() <= 1.0 + 1e-6 or name == "synthetic"
+    assert x.shape == (5, *shape) and x.dtype == np.float32 and np.isfinite(x).all()
+    if name == "synthetic":  # standard-normal features around class centres, not pixel intensities
+        assert x.min() < 0.0 < x.max() and 0.5 < ds.features(np.arange(200)).std() < 2.0
+    else:
+        assert 0.0 <= x.min() and 0.0 < x.max() <= 1.0 + 1e-6
     assert np.bincount(ds.labels).min() > 100
 
 

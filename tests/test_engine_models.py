@@ -1,4 +1,4 @@
-"""train/models.py and train/kd.py: layered forward == full forward (and == transformers' own forward),
+"""train/models.py (+ frozen.py, lm.py, vision.py) and train/kd.py: layered forward == full forward (and == transformers' own forward),
 frozen precisions, frozen layers keep no activations for their weights, KD loss values by hand."""
 
 from __future__ import annotations
@@ -8,15 +8,18 @@ import math
 import pytest
 import torch
 
-from snakenode.train import engine as E
+from snakenode.train import frozen as FZ
 from snakenode.train import kd as K
 from snakenode.train import models as M
+from snakenode.train.layered import LayeredModel, ModelError
+from snakenode.train.lm import FAMILIES
+from snakenode.train.teacher import build_teacher
 
 IMAGE = {"mlp": (4, 1, 8, 8), "cnn": (4, 1, 28, 28), "vgg11": (2, 3, 32, 32)}
 LMS = ["llama-tiny", "opt-tiny", "gpt2", "llama"]
 
 
-def _build(name: str, args: dict | None = None, frozen: str | None = None, seed: int = 1) -> M.LayeredModel:
+def _build(name: str, args: dict | None = None, frozen: str | None = None, seed: int = 1) -> LayeredModel:
     spec = M.ModelSpec(name, args or {}, seed)
     m = M.build_skeleton(spec)
     for n, t in M.initial_layers(spec, m):
@@ -52,7 +55,7 @@ def test_lm_matches_transformers(name: str) -> None:
     args = {"tie_word_embeddings": False} if name == "llama" else {}
     m = _build(name, args)
     torch.manual_seed(1)
-    hf = getattr(transformers, M._FAMILIES[m.family][1])(m.config).eval()
+    hf = getattr(transformers, FAMILIES[m.family][1])(m.config).eval()
     x = _input(name)
     with torch.no_grad():
         assert torch.allclose(hf(x).logits, m(x), atol=1e-5)
@@ -67,7 +70,7 @@ def test_mlp_defaults_and_layers() -> None:
     assert 9.2e6 < M.param_count(v) < 9.3e6
     t = M.build_skeleton(M.ModelSpec("llama-tiny", {}, 0))
     assert t.tied and not any(n.startswith("head.lm_head") for n in t.layer_tensor_names("head"))
-    with pytest.raises(M.ModelError, match="unknown model"):
+    with pytest.raises(ModelError, match="unknown model"):
         M.build_skeleton(M.ModelSpec("resnet", {}, 0))
 
 
@@ -78,7 +81,7 @@ def test_frozen_precisions_close(name: str) -> None:
     with torch.no_grad():
         r = ref(ref.model_inputs(x))
     tol = {"fp32": 0.0, "bf16": 0.02, "int8": 0.05}
-    for mode in M.FROZEN_DTYPES:
+    for mode in FZ.FROZEN_DTYPES:
         m = _build(name, frozen=mode)
         with torch.no_grad():
             out = m(m.model_inputs(x))
@@ -89,7 +92,7 @@ def test_frozen_layers_save_no_weight_activations() -> None:
     """A frozen Linear/Conv saves nothing for backward; a trainable one saves its input."""
     lin = torch.nn.Linear(64, 64)
     x = torch.randn(32, 64, requires_grad=True)
-    frozen = M.FrozenLinear(lin.weight, lin.bias, "int8")
+    frozen = FZ.FrozenLinear(lin.weight, lin.bias, "int8")
     from snakenode.train.capacity import _saved_bytes
 
     _, saved_frozen = _saved_bytes(lambda: frozen(x))
@@ -101,7 +104,7 @@ def test_frozen_layers_save_no_weight_activations() -> None:
     assert torch.allclose(g, torch.ones(32, 64) @ w, atol=1e-5)
     conv = torch.nn.Conv2d(3, 8, 3, padding=1)
     xi = torch.randn(2, 3, 8, 8, requires_grad=True)
-    fc = M.FrozenConv2d(conv, "fp32")
+    fc = FZ.FrozenConv2d(conv, "fp32")
     _, saved = _saved_bytes(lambda: fc(xi))
     assert saved == 0
     (g1,) = torch.autograd.grad(fc(xi).sum(), xi)
@@ -111,7 +114,7 @@ def test_frozen_layers_save_no_weight_activations() -> None:
 
 def test_int8_quantization_roundtrip() -> None:
     w = torch.randn(300, 70)
-    q, s = M._quantize(w, "int8")
+    q, s = FZ._quantize(w, "int8")
     assert q.dtype == torch.int8 and s is not None and s.shape == (300,)
     deq = q.float() * s[:, None]
     assert (deq - w).abs().max() <= s.max() * 0.5 + 1e-6
@@ -172,13 +175,13 @@ def test_teacher_adds_only_window_params() -> None:
     m = _build("mlp", {"hidden": 64, "depth": 6})
     trainable = {"blocks.2", "blocks.3"}
     before = {id(t) for t in m.state_dict(keep_vars=True).values()}
-    teacher = E.build_teacher(m, trainable, "fp32")
+    teacher = build_teacher(m, trainable, "fp32")
     assert set(teacher) == trainable
     added = [t for mod in teacher.values() for t in list(mod.parameters()) + list(mod.buffers())]
     assert all(id(t) not in before for t in added)
     window_bytes = sum(t.numel() * 4 for n in trainable for t in m.get_layer(n).parameters())
     assert sum(t.numel() * t.element_size() for t in added) == window_bytes
-    t8 = E.build_teacher(m, trainable, "int8")
+    t8 = build_teacher(m, trainable, "int8")
     b8 = sum(t.numel() * t.element_size() for mod in t8.values() for t in mod.buffers())
     assert b8 < window_bytes / 3                   # int8 copy: a quarter plus scales and biases
 
@@ -189,8 +192,8 @@ def test_fused_vocab_loss_equals_chunked(mode: str, kd: bool) -> None:
     """The vocabulary-sliced loss (frozen projection) gives the token-chunked loss and its gradient."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(3000, 24, generator=g)
-    emb = M.FrozenEmbedding(w, mode)
-    emb_t = M.FrozenEmbedding(w + 0.1 * torch.randn(3000, 24, generator=g), mode)
+    emb = FZ.FrozenEmbedding(w, mode)
+    emb_t = FZ.FrozenEmbedding(w + 0.1 * torch.randn(3000, 24, generator=g), mode)
     f = torch.randn(2, 50, 24, generator=g, requires_grad=True)
     tf = torch.randn(2, 50, 24, generator=g) if kd else None
     y = torch.randint(0, 3000, (2, 50), generator=g)

@@ -1,4 +1,4 @@
-"""train/engine.py in-process: only the window changes, window-by-window training over simulated nodes
+"""train/engine.py (+ training.py, loss.py, teacher.py) in-process: only the window changes, window-by-window training over simulated nodes
 reaches the accuracy target, a tiny LLM hop lowers validation loss, micro-batches and checkpointing do
 not change the gradients, and the state/blob contract (hashes, store, determinism)."""
 
@@ -17,6 +17,10 @@ from snakenode.train import data as D
 from snakenode.train import engine as E
 from snakenode.train import kd as K
 from snakenode.train import models as M
+from snakenode.train.hopconfig import EngineError
+from snakenode.train.layered import LayeredModel
+from snakenode.train.loss import window_loss
+from snakenode.train.teacher import build_teacher
 
 
 def _digits(i: int, n: int, part: str = "iid", seed: int = 1) -> dict[str, Any]:
@@ -66,21 +70,21 @@ def test_only_window_params_change(tmp_path: Path) -> None:
 def test_bad_requests_are_named(tmp_path: Path) -> None:
     eng = E.Engine(LayerStore(tmp_path))
     state = eng.model_init(_job())["state"]
-    with pytest.raises(E.EngineError, match="window must be") as e:
+    with pytest.raises(EngineError, match="window must be") as e:
         eng.train_hop(_job(), state, [3, 9], True, True, _digits(0, 2))
     assert e.value.kind == "bad_args"
-    with pytest.raises(E.EngineError, match="not in the store") as e:
+    with pytest.raises(EngineError, match="not in the store") as e:
         eng.train_hop(_job(), {**state, "blocks.0": "0" * 64}, [0, 1], True, True, _digits(0, 2))
     assert e.value.kind == "missing_blob"
-    with pytest.raises(E.EngineError, match="state must map") as e:
+    with pytest.raises(EngineError, match="state must map") as e:
         eng.evaluate(_job(), {"stem": state["stem"]}, _digits(0, 2), "val")
-    with pytest.raises(E.EngineError, match="lm model") as e:
+    with pytest.raises(EngineError, match="lm model") as e:
         E.Engine(LayerStore(tmp_path)).model_init({"model": "llama-tiny", "seed": 0})
         eng.train_hop({"model": "llama-tiny", "seed": 0}, E.Engine(LayerStore(tmp_path)).model_init(
             {"model": "llama-tiny", "seed": 0})["state"], [0, 1], False, True, _digits(0, 2))
-    with pytest.raises(E.EngineError, match="train.optimizer"):
+    with pytest.raises(EngineError, match="train.optimizer"):
         eng.train_hop({**_job(), "train": {"optimizer": "lion"}}, state, [0, 1], True, True, _digits(0, 2))
-    with pytest.raises(E.EngineError, match="diverged") as e:
+    with pytest.raises(EngineError, match="diverged") as e:
         eng.train_hop(_job(lr=1e30, max_steps=3), state, [0, 2], True, True, _digits(0, 2))
     assert e.value.kind == "diverged"
 
@@ -122,17 +126,17 @@ def test_tiny_llm_hop_lowers_validation_loss(tmp_path: Path) -> None:
     assert ("epoch", {"epoch": 0, "loss": pytest.approx(events[-1][1]["loss"])}) == events[-1]
 
 
-def _grads(model: M.LayeredModel, trainable: set[str], micro: int, ckpt: bool, x: torch.Tensor,
+def _grads(model: LayeredModel, trainable: set[str], micro: int, ckpt: bool, x: torch.Tensor,
            y: torch.Tensor) -> list[torch.Tensor]:
     order = model.all_layer_names()
     first = min(order.index(n) for n in trainable)
-    teacher = E.build_teacher(model, trainable, "fp32")
+    teacher = build_teacher(model, trainable, "fp32")
     kdc = K.KDConfig(mode="on", alpha=0.5, T=2.0)
     params = [p for n in sorted(trainable) for p in model.get_layer(n).parameters()]
     for p in params:
         p.grad = None
     for s in range(0, len(x), micro):
-        loss = E.window_loss(model, x[s:s + micro], y[s:s + micro], order, first, trainable, teacher, kdc, ckpt)
+        loss = window_loss(model, x[s:s + micro], y[s:s + micro], order, first, trainable, teacher, kdc, ckpt)
         (loss * (min(micro, len(x) - s) / len(x))).backward()
     return [p.grad.clone() for p in params]  # type: ignore[union-attr]
 

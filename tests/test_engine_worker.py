@@ -70,7 +70,7 @@ async def test_worker_ops_end_to_end(tmp_path: Path) -> None:
         for key in ("samples", "samples_per_s", "peak_rss_mb", "kd", "t_train_s"):
             assert key in hop2
         ev = await c.call("evaluate", {"job": JOB, "state": hop2["state"], "data": DATA, "split": "test"})
-        assert ev["samples"] == 359 and 0.0 <= ev["accuracy"] <= 1.0
+        assert ev["samples"] == 359 and ev["accuracy"] > 0.3, ev  # two 1-epoch hops: 0.415 seen; chance is 0.1
         cap = await c.call("capacity", {"job": JOB, "data": DATA})
         assert set(cap) >= {"fixed_mb", "blocks", "stem", "head", "frozen_step_s", "steps_per_epoch"}
         assert len(cap["blocks"]) == 4 and all(b["train_mb"] > 0 and b["step_s"] >= 0 for b in cap["blocks"])

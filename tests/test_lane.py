@@ -10,6 +10,9 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,7 @@ from snakenode.faults import Faults
 from snakenode.layers import bundle as bundle_mod
 from snakenode.layers.store import LayerStore
 from snakenode.net import lane, transfer
+from snakenode.net.lane import client as lane_client
 
 LAYER_FLOATS = 400_000  # 1.6 MB per layer: several 1 MiB chunks each, quick to send
 
@@ -234,6 +238,57 @@ async def test_receiver_refusal_reaches_the_sender(tmp_path: Path) -> None:
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.timeout(60)
+async def test_too_slow_sender_is_cut_off(tmp_path: Path) -> None:
+    """The lane's twin of tests/test_security_hostile.py's slow writes into a bundle's layer bytes: an
+    authenticated sender trickles one byte every 2 s; the receiver cuts it off with `too_slow` (the shared
+    layer sink's minimum rate, as on the libp2p stream), tells the sender, counts it and keeps the bytes it
+    got for a resume."""
+    model = Model(tmp_path, layers=1)
+    rx = Receiver(model, tmp_path)
+    scounters = Counters()
+    entry = model.entries[0]
+    blob = model.store.get_bytes(entry.hash)
+    async with trio.open_nursery() as nursery:
+        srv = await _server(nursery, scounters)
+        cert = lane.LaneCert.generate()
+        offer = srv.expect(PEER, cert.der, rx.handle)
+
+        def trickle() -> tuple[str, float]:
+            conn = lane_client.connect_blocking(["127.0.0.1"], offer, cert, 5.0)
+            try:
+                conn.send(wire.frame({"t": "bundle", "manifest": model.manifest.encode(),
+                                      "send": [{"name": entry.name, "hash": entry.hash, "offset": 0}]}))
+                t0 = time.monotonic()
+                for b in blob[:40]:
+                    conn.send(bytes([b]))
+                    try:
+                        kind, f = conn.read_frame(wire.MAX_FRAME, 2.0)  # the pace: one byte per 2 s
+                    except TimeoutError:
+                        continue
+                    return f"{kind}:{f.str('kind', 64, required=False)}", time.monotonic() - t0
+                return "none", time.monotonic() - t0
+            finally:
+                conn.close()
+
+        how, seconds = await trio.to_thread.run_sync(trickle)
+        assert how == "error:too_slow", (how, seconds)
+        assert seconds < 40, seconds
+        await _until(lambda: scounters.get("reject.lane.too_slow") == 1)
+        assert not rx.store.has(entry.hash) and rx.store.partial_offset(entry.hash) > 0
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.timeout(60)
+def test_the_offer_codec_needs_neither_the_lane_sockets_nor_libp2p() -> None:
+    """snake/messages.py decodes lane offers: importing it must not drag in the lane's sockets or libp2p."""
+    code = ("import sys, snakenode.snake.messages; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('libp2p', 'trio') "
+            "or m.startswith(('snakenode.net.lane.', 'snakenode.net.transfer')) and m != 'snakenode.net.lane.offer'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=50, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 class _Relabel(LayerStore):
     """A sender store that serves `model`'s bytes under `other`'s hashes (a lying or corrupted sender)."""
 
@@ -320,7 +375,7 @@ async def test_fallback_to_libp2p_when_the_lane_is_unreachable(tmp_path: Path,
     addr = [host_mod.listen_addrs(["/ip4/127.0.0.1/tcp/0"])[0]]
     try:
         async with a.run(listen_addrs=addr), b.run(listen_addrs=addr):
-            host_mod.register(b, wire.PROTO_BUNDLE, "bundle", rx.handle, Counters())
+            host_mod.register(b, wire.PROTO_BUNDLE, "bundle", rx.handle, Counters(), allowed=lambda _: True)
             await a.connect(info_from_p2p_addr(host_mod.listen_addrs(host_mod.dialable_addrs(b)[:1])[0]))
             cert = lane.LaneCert.generate()
             offer = lane.LaneOffer(dead_port, "lane-" + "1" * 32, b"\x01" * 32, lane.LaneCert.generate().der)

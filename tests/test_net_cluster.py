@@ -15,8 +15,14 @@ import pytest
 from harness import Net, control, peer_ids, run_cli, wait_for
 
 N_NODES = 5
-KILL_BOUND_S = 3.0
-FREEZE_BOUND_S = 6.0
+# A killed peer's connection closes and the disconnect notifee drops it: documented ~0.3 s (0.22-0.29 s seen,
+# also with the observer's worker saturating both cores); +0.7 s for polling every observer's table over its
+# control socket on a loaded 2-core machine.
+KILL_BOUND_S = 1.0
+# A frozen peer is dropped after `ping_misses` (2) consecutive pings of `ping_interval_s` (1 s) go unanswered
+# for `ping_timeout_s` (1.5 s): at worst 1 + 1.5 + 1 + 1.5 s after its last answer, plus a 0.25 s watch tick
+# = 4.75 s (3.2-4.7 s seen); +0.75 s for polling the tables under load.
+FREEZE_BOUND_S = 5.5
 
 
 class Cluster:
@@ -117,7 +123,7 @@ def test_five_nodes_converge_with_profiles(cluster: Cluster) -> None:
 
 
 @pytest.mark.timeout(90)
-def test_kill9_leaves_every_table_within_3s_and_restart_keeps_identity(cluster: Cluster) -> None:
+def test_kill9_leaves_every_table_within_1s_and_restart_keeps_identity(cluster: Cluster) -> None:
     cluster.ensure_up()
     victim = cluster.nodes[4]
     old_id = victim.peer_id
@@ -136,7 +142,7 @@ def test_kill9_leaves_every_table_within_3s_and_restart_keeps_identity(cluster: 
 
 
 @pytest.mark.timeout(90)
-def test_frozen_peer_leaves_within_6s_and_returns_after_sigcont(cluster: Cluster) -> None:
+def test_frozen_peer_leaves_within_5_5s_and_returns_after_sigcont(cluster: Cluster) -> None:
     cluster.ensure_up()
     victim = cluster.nodes[3]
     victim.signal(signal.SIGSTOP)

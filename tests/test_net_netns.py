@@ -50,9 +50,10 @@ def test_discovery_through_bootstrap_in_its_own_namespace(tmp_path: Path) -> Non
             for r in rows:
                 if r["role"] == "node":
                     assert any(a.startswith("/ip4/10.231.") for a in r["addrs"]), r["addrs"]
-            # Cutting one host's link drops it from the others within the frozen-peer bound.
+            # Cutting one host's link drops it from the others within the frozen-peer bound (a cut link looks like
+            # a frozen peer: no RST, pings go unanswered; see FREEZE_BOUND_S in test_net_cluster.py for the sum).
             lab.link_down("n3")
-            net.wait(lambda: all(nodes[3].peer_id not in peer_ids(p.home) for p in nodes[:3]), 8,
+            net.wait(lambda: all(nodes[3].peer_id not in peer_ids(p.home) for p in nodes[:3]), 5.5,
                      "the cut-off host to leave the others' tables")
             lab.link_up("n3")
             net.wait(converged, 40, "the host to return after its link came back")

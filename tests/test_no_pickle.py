@@ -1,4 +1,4 @@
-"""Issue 7: no pickle in project code (DESIGN.md, "Security model").
+"""Issue 7: no pickle in project code (docs/DESIGN.md, "Security model").
 
 Unpickling runs code chosen by whoever wrote the bytes, so nothing that crosses the network or is read
 from disk may be unpickled. An AST walk over snakenode/, bootstrap/, scenarios/ and benchmarks/ refuses:

@@ -1,7 +1,7 @@
 """Issue 6: the scenario runner. Pure parts (schema, triggers) directly; the library's line3-smoke and
 ring5-dropout as real runs of `python -m scenarios run` (local backend); an impossible expectation; the
 compose project (parsed with pyyaml, every host named, every host config accepted by the node's own
-config loader); refusals (no Docker engine, no CS mode); no node outlives a SIGKILLed runner."""
+config loader); refusals (no Docker engine); no node outlives a SIGKILLed runner."""
 
 from __future__ import annotations
 

@@ -24,12 +24,14 @@ cannot show a chain of signed hand-overs back to the job's submitter (snake/cust
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -313,7 +315,10 @@ async def test_slow_writes_are_cut_off(world: World) -> None:
         assert wire.READ_TIMEOUT_S - 0.5 <= seconds <= wire.READ_TIMEOUT_S + 3, (label, seconds)
     how, seconds = results["layer"]
     assert how == "error:too_slow", (how, seconds)
-    assert seconds < 40, seconds
+    # Not before the 15 s grace of the minimum read rate; then within one more 2 s trickle period, +5 s for a
+    # loaded machine.
+    print(f"\nslow layer bytes cut off after {seconds:.1f} s")
+    assert 15.0 <= seconds < 22.0, seconds
     after = await acounters(world.victim)
     assert grew(after, before, "reject.negotiate.timeout") == 1
     assert grew(after, before, "reject.state.timeout") == 1
@@ -367,6 +372,8 @@ async def test_bad_proposals(world: World) -> None:
             assert reply.kind == want, (label, reply.kind, reply.first)
             if want.startswith("decline:"):
                 assert reply.first["detail"], label  # a reason the sender can act on
+            if want == "decline:error":  # "error" is a catch-all reason: the detail must name this refusal
+                assert reply.first["detail"] == "the proposal names another holder", (label, reply.first)
     after = await acounters(world.victim)
     assert grew(after, before, "reject.negotiate.bad_state") == 2
     assert grew(after, before, "reject.negotiate.malformed") == 1
@@ -412,13 +419,14 @@ async def test_proposal_flood(world: World) -> None:
             await new_peer_reaches(world.victim)
     seconds = trio.current_time() - t0
     assert kinds == ["decline:untrusted"] * 200, sorted(set(kinds))
-    assert seconds < 60, seconds
+    assert seconds < 5, seconds  # "a few seconds": 1.0 s seen on 2 loaded cores; x5 margin
     after = await acounters(world.victim)
     assert grew(after, before, "snake.decline.untrusted") == 200
     assert grew(after, before, "reject.job.untrusted_submitter") == 200
     grown = psutil.Process(world.victim.pid).memory_info().rss - rss_before
     assert grown < 50 * 2**20, f"RSS grew {grown / 2**20:.0f} MiB during the flood"
     world.notes["flood_seconds"] = round(seconds, 1)
+    print(f"\n200 proposals answered in {seconds:.1f} s")
 
 
 # ---------------------------------------------------------------------------------------------- bundles
@@ -715,21 +723,28 @@ async def test_closed_bootstrap_peer_drops_unlisted_peers(world: World) -> None:
 @pytest.mark.timeout(30)
 async def test_every_snake_protocol_is_registered_behind_allowed_peers() -> None:
     """Stream handlers refuse unlisted peers themselves too (defence in depth behind the connection check):
-    every protocol registration in the code passes the `allowed` predicate, and the wrapper refuses with
-    a named error and a counter (shown here on an in-process host whose predicate refuses everyone)."""
+    the node registers every protocol through NetService.register_protocol, which always applies the wrapper
+    and the node's allowlist; the one lower-level registration (peer exchange, inside net/) states the
+    allowlist, and only /ipfs/ping bypasses both (net/liveness.py says why). The wrapper refuses with a
+    named error and a counter (shown here on an in-process host whose predicate refuses everyone)."""
+    import inspect
     import re
     from pathlib import Path
 
     from snakenode.counters import Counters
     from snakenode.net import host as host_mod
+    from snakenode.net.service import NetService
 
     root = Path(__file__).resolve().parents[1] / "snakenode"
     sources = {p.relative_to(root).as_posix(): p.read_text() for p in root.rglob("*.py")}
-    calls = [(name, m.group(0)) for name, text in sources.items()
-             for m in re.finditer(r"(?<!def )(?<![\w.])(?:host_mod\.)?register\([^)]*\)", text)]
-    assert len(calls) >= 6, calls  # negotiate, bundle, state, cs, peers, test-raise
-    for where, call in calls:
-        assert "test-raise" in call or call.rstrip(")").rstrip().endswith("allowed"), (where, call)
+    via_service = [m.group(0) for text in sources.values() for m in re.finditer(r"\.register_protocol\(", text)]
+    assert len(via_service) >= 5, via_service  # negotiate, bundle, state, cs, test-raise
+    assert "self.allowed)" in inspect.getsource(NetService.register_protocol)
+    low = [(name, m.group(0)) for name, text in sources.items()
+           for m in re.finditer(r"(?<!def )(?<![\w.])(?:host_mod\.)?register\([^)]*\)", text)]
+    assert sorted(name for name, _ in low) == ["net/discovery.py", "net/service.py"], low
+    for where, call in low:
+        assert call.rstrip(")").rstrip().endswith("allowed"), (where, call)
     direct = sorted(name for name, text in sources.items() if ".set_stream_handler(" in text)
     assert direct == ["net/host.py", "net/liveness.py"], direct  # register() itself, and /ipfs/ping
     served = Counters()
@@ -749,7 +764,11 @@ async def test_every_snake_protocol_is_registered_behind_allowed_peers() -> None
 
 
 def _connect_as_nobody(path: str) -> str:
-    """Fork, drop to uid/gid 65534, try to connect: "refused" when the kernel or the daemon says no."""
+    """Fork, drop to uid/gid 65534, send a complete `status` request: "refused" when no answer comes back.
+
+    The caller has made the socket reachable (mode and directory search bits), so the kernel lets the connect
+    through and only the daemon's own SO_PEERCRED check can refuse.
+    """
     pid = os.fork()
     if pid == 0:  # pragma: no cover - child
         code = 3
@@ -757,19 +776,37 @@ def _connect_as_nobody(path: str) -> str:
             os.setgid(65534)
             os.setuid(65534)
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(5)
+            s.settimeout(10)
             try:
                 s.connect(path)
-                s.sendall(wire.HEADER.pack(20) + wire.packb({"op": "status", "args": {}})[:20])
+            except OSError:
+                os._exit(4)  # the kernel said no: the test did not reach the daemon's check
+            req = wire.packb({"op": "status", "args": {}})
+            s.sendall(wire.HEADER.pack(len(req)) + req)
+            try:
                 code = 1 if s.recv(4) else 0  # an answer means the uid check let us in
-            except PermissionError:
-                code = 0
             except OSError:
                 code = 0
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     return "refused" if os.waitstatus_to_exitcode(status) == 0 else f"exit {os.waitstatus_to_exitcode(status)}"
+
+
+@contextlib.contextmanager
+def _reachable_by_others(sock_path: str) -> Iterator[None]:
+    """Open the socket (0666) and its directories (o+x) for the duration, then restore every mode."""
+    p = Path(sock_path)
+    saved = [(d, d.stat().st_mode & 0o7777) for d in [p, *p.parents]]
+    try:
+        os.chmod(p, 0o666)
+        for d, mode in saved[1:]:
+            if not mode & 0o001:
+                os.chmod(d, mode | 0o001)
+        yield
+    finally:
+        for d, mode in saved:
+            os.chmod(d, mode)
 
 
 @pytest.mark.timeout(30)
@@ -795,7 +832,10 @@ def test_control_socket_refuses_garbage_and_other_users(world: World) -> None:
     assert grew(after, before, "reject.control.malformed") == 2
     assert grew(after, before, "error.control") == 0
     if os.geteuid() == 0:  # only root can become another user here
-        assert _connect_as_nobody(sock_path) == "refused"
+        with _reachable_by_others(sock_path):
+            assert _connect_as_nobody(sock_path) == "refused"
+        assert os.stat(sock_path).st_mode & 0o777 == 0o600
+        assert grew(counters(world.victim), after, "reject.control.uid") == 1, "the daemon's uid check refused it"
     assert control(world.victim.home, "status")["peer_id"] == world.victim_id
 
 
@@ -952,8 +992,10 @@ async def test_stranger_cannot_resume_a_completed_job(world: World) -> None:
     await trio.to_thread.run_sync(world.sn.wait_complete, world.job, 150)
     async with Hostile.running() as h:
         pid = await h.connect(world.victim.addr)
+        before = await acounters(world.victim)
         reply = await h.request(pid, wire.PROTO_STATE, {"t": "resume_cmd", "job_id": world.job})
-    assert reply.kind.startswith("error"), (reply.kind, reply.first)
+    assert reply.kind == "error:job_complete", (reply.kind, reply.first)
+    assert grew(await acounters(world.victim), before, "reject.state.job_complete") == 1
     records = await trio.to_thread.run_sync(world.sn.merged_records, world.job)
     assert not [r for r in records if r["event"] == "resumed"], "a finished job was resumed"
 

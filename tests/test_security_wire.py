@@ -24,7 +24,7 @@ def test_every_protocol_id_has_the_snake_form() -> None:
                 "/snake/negotiate/1.0.0/x"):
         assert not wire.PROTOCOL_RE.match(bad), bad
         with pytest.raises(ValueError, match="must have the form"):
-            host_mod.register(SimpleNamespace(), bad, "x", None, Counters())  # type: ignore[arg-type]
+            host_mod.register(SimpleNamespace(), bad, "x", None, Counters(), lambda _: True)  # type: ignore[arg-type]
 
 
 class _Stream:

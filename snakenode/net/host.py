@@ -1,6 +1,6 @@
 """The libp2p host: TCP + Noise + Yamux only, safe stream handlers, framed stream I/O.
 
-Hazards of py-libp2p 0.8.1 that this module exists to contain (../shared/notes/libp2p.md):
+Hazards of py-libp2p 0.8.1 that this module exists to contain (docs/DESIGN.md, "py-libp2p 0.8.1"):
 - an exception escaping a stream handler can take the whole node down -> `safe_handler` catches
   everything, logs, counts and resets the stream;
 - a stream opened and closed without a write wedges its connection -> `StreamIO` always writes a frame
@@ -224,9 +224,12 @@ class StreamIO:
 
 
 def safe_handler(name: str, fn: Handler, counters: Counters,
-                 allowed: Callable[[str], bool] | None = None) -> Callable[[INetStream], Awaitable[None]]:
+                 allowed: Callable[[str], bool]) -> Callable[[INetStream], Awaitable[None]]:
     """Wrap a protocol handler so nothing it raises can reach libp2p (which may kill the node).
 
+    A peer `allowed` refuses gets an `error` frame `peer_not_allowed` and a reset, counted as
+    `reject.<name>.peer_not_allowed`, before the handler sees a byte (defence in depth behind the
+    connection-level check in net/liveness.py).
     A WireError is answered with an `error` frame naming the problem (so an honest but buggy sender
     learns what it did wrong), counted as `reject.<name>.<kind>`; anything else is logged and counted
     as `error.handler.<name>`. The stream is always closed or reset afterwards.
@@ -236,7 +239,7 @@ def safe_handler(name: str, fn: Handler, counters: Counters,
         io: StreamIO | None = None
         try:
             io = StreamIO(stream, counters, name)
-            if allowed is not None and not allowed(io.peer):
+            if not allowed(io.peer):
                 counters.add(f"reject.{name}.peer_not_allowed")
                 log.warning("rejected", proto=name, peer=io.peer, reason="peer_not_allowed")
                 with trio.move_on_after(2):
@@ -282,7 +285,11 @@ def safe_handler(name: str, fn: Handler, counters: Counters,
 
 
 def register(host: IHost, protocol: str, name: str, fn: Handler, counters: Counters,
-             allowed: Callable[[str], bool] | None = None) -> None:
+             allowed: Callable[[str], bool]) -> None:
+    """Serve `protocol` with `fn` behind safe_handler and the peer predicate `allowed`, which every caller
+    states: a node passes its allowlist (NetService.register_protocol does), and only a test or benchmark
+    that serves anyone on purpose passes `lambda _: True`. The one handler registered without this wrapper
+    is libp2p's standard ping (net/liveness.py says why)."""
     if not wire.PROTOCOL_RE.match(protocol):
         raise ValueError(f"protocol id {protocol!r} must have the form /snake/<name>/<semver>")
     host.set_stream_handler(TProtocol(protocol), safe_handler(name, fn, counters, allowed))

@@ -107,7 +107,7 @@ class Liveness:
         self._watching: set[str] = set()
         self._last_ping: dict[str, float] = {}  # answering side: when the peer's last ping arrived
         self._nursery: trio.Nursery | None = None
-        host.set_stream_handler(TProtocol(PING_ID), self._serve_ping)
+        host.set_stream_handler(TProtocol(PING_ID), self._serve_ping)  # not host.register: see _serve_ping
 
     def period(self) -> float:
         """Seconds between two pings of one peer: the configured interval, stretched past the budget."""
@@ -230,7 +230,13 @@ class Liveness:
 
     # --- the answering side ---------------------------------------------------------------------------
     async def _serve_ping(self, stream: INetStream) -> None:
-        """Echo pings (any peer, any payload) and note when they arrive; never raises into libp2p."""
+        """Echo pings (any peer, any payload) and note when they arrive; never raises into libp2p.
+
+        The one stream handler registered without host.register's wrapper and allowlist, on purpose: this is
+        libp2p's standard `/ipfs/ping/1.0.0`, whose peers expect raw 32-byte echoes on a long-lived stream,
+        so the wrapper's `error` frames would be garbage to them; it contains its own failures (above and
+        below); and an unlisted peer is already dropped at connection level (`run`), while an echo of 32
+        bytes it sent tells it nothing."""
         try:
             pid = stream.muxed_conn.peer_id.to_string()
         except Exception:  # noqa: BLE001

@@ -196,6 +196,16 @@ class NetService:
             return rows
         return self.table.view(time.monotonic())
 
+    def register_protocol(self, protocol: str, name: str, fn: Callable[[host_mod.StreamIO], Awaitable[None]]
+                          ) -> None:
+        """Serve a `/snake/<name>/<semver>` protocol on this node's host. Always behind the stream-handler
+        wrapper (nothing `fn` raises reaches libp2p; refusals become `error` frames and `reject.<name>.<kind>`
+        counters) and the node's peer allowlist: there is no way to open a protocol to peers the
+        configuration closed the network to. Call it once the host runs (from `run`'s `extra`)."""
+        if self.host is None:
+            raise RuntimeError(f"register {protocol} from NetService.run's `extra`: the host is not built yet")
+        host_mod.register(self.host, protocol, name, fn, self.counters, self.allowed)
+
     def register_ops(self, ops: dict[str, Callable[[wire.Fields], Awaitable[Any]]]) -> None:
         assert self.control is not None
         for name, fn in ops.items():

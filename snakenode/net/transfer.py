@@ -4,15 +4,16 @@ Sender: one `bundle` frame (the manifest: job, job_state, every layer of the mod
 list of layers it is about to send with the byte offset each one resumes from), then the bytes of those
 layers back to back in 1 MiB writes, then it waits for `ack`.
 
-Receiver: appends each layer's bytes to a partial file in the layer store (hashed as they arrive), so a
-broken stream resumes at the byte where it stopped; reads continuously (py-libp2p resets a Yamux stream
-whose reader stalls 5 s), verifies every finished layer (size, sha256, names/dtypes/shapes against the job's
-schema, finite values) before it enters the store, and acks only when the whole model state is present.
+Receiver: feeds the layer bytes to the shared layer sink (snakenode/layers/sink.py, the lane's too), which
+appends them to partial files in the layer store (hashed as they arrive), so a broken stream resumes at the
+byte where it stopped, cuts off a sender slower than 16 KiB/s, and verifies every finished layer (size,
+sha256, names/dtypes/shapes against the job's schema, finite values) before it enters the store. It reads
+continuously (py-libp2p resets a Yamux stream whose reader stalls 5 s) and acks only when the whole model
+state is present.
 """
 
 from __future__ import annotations
 
-import mmap
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,23 +24,12 @@ import trio
 from snakenode import wire
 from snakenode.faults import Faults
 from snakenode.layers import bundle as bundle_mod
-from snakenode.layers.store import LayerStore, StoreError
+from snakenode.layers.sink import LayerSink, TransferError
+from snakenode.layers.store import LayerStore
 from snakenode.net.host import StreamIO
 
 CHUNK = 1 << 20  # 1 MiB writes: the measured sweet spot for Noise+Yamux
 ACK_TIMEOUT_S = 120.0  # the receiver verifies every layer before acking; large models take a while
-# A sender slower than this on average (after a grace period) is cut off: a trickle of bytes would
-# otherwise hold a reservation and a stream forever (slowloris). 16 KiB/s is far below any real link.
-MIN_RATE_B_S = 16 * 1024
-MIN_RATE_GRACE_S = 15.0
-
-
-class TransferError(Exception):
-    """A bundle that cannot be accepted; `kind` is the counter and the error reported to the sender."""
-
-    def __init__(self, message: str, kind: str) -> None:
-        super().__init__(message)
-        self.kind = kind
 
 
 @dataclass
@@ -150,87 +140,21 @@ def decode_incoming(f: wire.Fields, max_layers: int = bundle_mod.MAX_LAYERS) -> 
     return Incoming(manifest, items)
 
 
-def _verify_file(path: str, entry: bundle_mod.LayerEntry, schema: bundle_mod.LayerEntry) -> None:
-    """The map is deliberately not closed in a `with`: when verification fails, the exception's traceback
-    still holds views of it, and closing would replace the BundleError with a BufferError (the refusal
-    became error.handler.bundle, without an error frame, and the bad partial file stayed). It is unmapped
-    when the last view goes."""
-    with open(path, "rb") as fh:
-        if fh.seek(0, 2) == 0:
-            raise bundle_mod.Truncated(entry.name, "empty blob")
-        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-    bundle_mod.verify_blob(memoryview(mm), entry, schema=schema)
-
-
 async def receive_layers(io: StreamIO, incoming: Incoming, schema: Mapping[str, bundle_mod.LayerEntry],
                          store: LayerStore, *, faults: Faults | None = None, ctx: Mapping[str, Any] | None = None,
                          on_progress: Callable[[int], None] | None = None) -> int:
-    """Read the listed layers into the store, verifying each. Returns the bytes received."""
-    received = 0
-    t0 = time.monotonic()
-    for it in incoming.send:
-        entry = it.entry
-        sch = schema.get(entry.name)
-        if sch is None:
-            raise TransferError(f"layer {entry.name!r} is not part of this job's model", "unknown_layer")
-        if entry.size != sch.size:
-            raise TransferError(f"layer {entry.name!r} announces {entry.size} bytes, the model's layer has "
-                                f"{sch.size}", "oversize" if entry.size > sch.size else "truncated")
-        if store.has(entry.hash):
-            raise TransferError(f"layer {entry.name!r} was sent although we hold it", "unexpected")
-        try:
-            part = store.open_partial(entry.hash, size=entry.size)
-        except StoreError as exc:
-            raise TransferError(str(exc), "store") from None
-        try:
-            if part.offset != it.offset:
-                raise TransferError(f"layer {entry.name!r}: sender resumes at byte {it.offset}, we hold "
-                                    f"{part.offset}", "offset_mismatch")
-            remaining = entry.size - it.offset
-            if it.pack is not None:
-                head = await io.read_exact(8)
-                hlen = int.from_bytes(head, "little")
-                if hlen > min(entry.size - 8, bundle_mod.MAX_HEADER_BYTES) or (entry.size - 8 - hlen) % 4:
-                    raise TransferError(f"layer {entry.name!r}: a bf16-packed blob needs a header within the "
-                                        "layer and a data section of whole 32-bit words", "malformed")
-                head += await io.read_exact(hlen)
-                part.write(head)
-                remaining -= len(head)
-                received += len(head)
-            while remaining > 0:
-                if it.pack is None:
-                    chunk = await io.read_some(min(CHUNK, remaining))
-                    wire_n = len(chunk)
-                else:   # whole words: `remaining` stays a multiple of 4
-                    half = await io.read_some(min(CHUNK, remaining) // 2)
-                    if len(half) % 2:
-                        half += await io.read_exact(1)
-                    wire_n = len(half)
-                    chunk = bundle_mod.unpack_bf16(half)
-                part.write(chunk)
-                remaining -= len(chunk)
-                received += wire_n
-                elapsed = time.monotonic() - t0
-                if elapsed > MIN_RATE_GRACE_S and received / elapsed < MIN_RATE_B_S:
-                    raise TransferError(f"sender too slow: {received} bytes in {elapsed:.0f} s (minimum "
-                                        f"{MIN_RATE_B_S // 1024} KiB/s)", "too_slow")
-                if on_progress is not None:
-                    on_progress(received)
-                if faults is not None and faults.check("recv", bytes=received, **(ctx or {})) == "break":
-                    raise TransferError(f"stream broken on purpose after {received} bytes (--test-faults)",
-                                        "test_fault")
-        finally:
-            part.close()
-        try:
-            await trio.to_thread.run_sync(_verify_file, str(part.path), entry, sch)
-        except bundle_mod.BundleError as exc:
-            store.discard_partial(entry.hash)
-            raise TransferError(str(exc), exc.code) from None
-        try:
-            store.commit_partial(part)
-        except StoreError as exc:
-            raise TransferError(str(exc), "hash_mismatch") from None
-    return received
+    """Read the listed layers into the store through the shared layer sink (layers/sink.py: checks, partial
+    files, minimum rate, verification). Returns the bytes received."""
+    sink = LayerSink(incoming.send, schema, store, faults=faults, ctx=ctx, on_progress=on_progress)
+    try:
+        while sink.next_layer() is not None:
+            while n := sink.want():
+                sink.feed(await io.read_some(n))
+            await trio.to_thread.run_sync(sink.complete().commit)
+    finally:
+        with trio.CancelScope(shield=True):  # fsync, or at most one layer's verification
+            await trio.to_thread.run_sync(sink.close)
+    return sink.received
 
 
 def plan_send(manifest_layers: list[bundle_mod.LayerEntry], held: set[str], partial: Mapping[str, int]

@@ -19,7 +19,7 @@ from snakenode.counters import Counters
 from snakenode.faults import Faults
 from snakenode.identity import Identity
 from snakenode.layers.store import LayerStore
-from snakenode.net.lane import LaneServer
+from snakenode.net.lane.server import LaneServer
 from snakenode.net.service import NetService
 from snakenode.snake.phases import NodeState
 from snakenode.snake.runtime import JobRun

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from snakenode import wire
-from snakenode.net import lane as lane_mod
+from snakenode.net.lane import offer as lane_mod
 from snakenode.snake.custody import CustodyError, Link
 from snakenode.snake.state import JobState, StateError
 

@@ -27,7 +27,6 @@ from typing import Any
 import trio
 
 from snakenode import wire
-from snakenode.net import host as host_mod
 from snakenode.snake.context import NodeContext
 from snakenode.snake.coordinator import Coordinator
 from snakenode.snake.handoff import Handoff
@@ -81,11 +80,10 @@ class Snake:
         svc = self.ctx.svc
         if svc.gossip is None:
             raise RuntimeError("the snake runs inside a started NetService (its gossip is not up)")
-        host, counters, allowed = svc.host, svc.counters, svc.allowed
-        host_mod.register(host, wire.PROTO_NEGOTIATE, "negotiate", self.receiver.serve_negotiate, counters, allowed)
-        host_mod.register(host, wire.PROTO_BUNDLE, "bundle", self.receiver.serve_bundle, counters, allowed)
-        host_mod.register(host, wire.PROTO_STATE, "state", self.state_rpc.serve, counters, allowed)
-        host_mod.register(host, wire.PROTO_CS, "cs", self.cs_rpc.serve, counters, allowed)
+        svc.register_protocol(wire.PROTO_NEGOTIATE, "negotiate", self.receiver.serve_negotiate)
+        svc.register_protocol(wire.PROTO_BUNDLE, "bundle", self.receiver.serve_bundle)
+        svc.register_protocol(wire.PROTO_STATE, "state", self.state_rpc.serve)
+        svc.register_protocol(wire.PROTO_CS, "cs", self.cs_rpc.serve)
         svc.gossip.on("jobs", self._on_jobs_msg)
         svc.gossip.on("progress", self.journal.on_progress_msg)
         svc.peer_events.append(self.view.on_peer_event)

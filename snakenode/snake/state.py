@@ -23,8 +23,8 @@ against a zombie acceptance. An explicit Decline needs no new attempt.
 concatenation is unambiguous. The parent of hop 0 is `genesis_lineage(job_id)` =
 `sha256(b"snakenode/lineage/genesis\\0" || utf8(job_id))`.
 
-**Fencing.** Claims compare by higher (lap, hop), then higher attempt, then lower lineage hash (DESIGN.md,
-"One snake per job"). `ancestry` keeps the last ANCESTRY_KEEP lineages of the chain so a holder can tell
+**Fencing.** Claims compare by higher (lap, hop), then higher attempt, then lower lineage hash
+(docs/DESIGN.md, "One snake per job"). `ancestry` keeps the last ANCESTRY_KEEP lineages of the chain so a holder can tell
 its own successor's progress (a descendant) from a rival lineage.
 
 **Laps.** `lap_members` is fixed when a lap starts (joined, alive nodes passed in by the caller); a member

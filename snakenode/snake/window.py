@@ -4,7 +4,7 @@ The window is the contiguous run of blocks one hop trains. It slides along the d
 starts where the last one ended, is clamped (shifted back, never shrunk) at the last block, and from there
 runs back towards block 0, where it is clamped again and turns once more. So every block is trained in
 every sweep, and the window a hop gets depends only on the previous window and the size the new holder
-can afford. DESIGN.md's worked example (8 blocks, sizes 2, 3, 2, 3, 1, 2, 3):
+can afford. docs/DESIGN.md's worked example (8 blocks, sizes 2, 3, 2, 3, 1, 2, 3):
 
     [0,2) -> [2,5) -> [5,7) -> [5,8) (clamped, turns) -> [4,5) -> [2,4) -> [0,3) (clamped, turns)
 

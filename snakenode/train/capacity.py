@@ -36,7 +36,11 @@ import torch
 from torch import nn
 
 from snakenode.train import models as M
-from snakenode.train.engine import Engine, EngineError, TrainConfig, peak_rss_mb, reset_peak_rss, rss_mb
+from snakenode.train.engine import Engine
+from snakenode.train.frozen import freeze_module
+from snakenode.train.hopconfig import EngineError, TrainConfig
+from snakenode.train.layered import LayeredModel
+from snakenode.train.memory import peak_rss_mb, reset_peak_rss, rss_mb
 
 WORKLOAD = "mlp-ref-v1"
 _BYTES = {"fp32": 4.0, "bf16": 2.0, "int8": 1.0}
@@ -210,7 +214,7 @@ def measure(engine: Engine, job: dict[str, Any], data: dict[str, Any]) -> dict[s
             mod.zero_grad(set_to_none=True)
 
         t_train = _timeit(fb_step, 1)
-        M.freeze_module(mod, cfg.frozen_dtype)
+        freeze_module(mod, cfg.frozen_dtype)
         t_frozen = _timeit(lambda: _nograd(model, n, inputs[n]), 1)
         state_mb = params * (4.0 - fb + 4.0 + opt_bytes + fb) / 2**20      # weights, grads, optimizer, teacher
         extra = t_train - t_frozen + (t_frozen if kd_possible else 0.0)          # + the teacher's copy
@@ -229,11 +233,11 @@ def measure(engine: Engine, job: dict[str, Any], data: dict[str, Any]) -> dict[s
             "frozen_step_s": round(forward_s, 6), "steps_per_epoch": max(1, math.ceil(n_train / cfg.batch))}
 
 
-def _loss_time(model: M.LayeredModel, h_head: torch.Tensor, x: torch.Tensor, kd_possible: bool) -> float:
+def _loss_time(model: LayeredModel, h_head: torch.Tensor, x: torch.Tensor, kd_possible: bool) -> float:
     """Loss forward+backward from the head's input: paid every step whatever trains (for LMs the
     vocabulary projection, recomputed in the backward pass, and the teacher's projection under KD)."""
-    from snakenode.train import engine as E
     from snakenode.train import kd as K
+    from snakenode.train.loss import lm_loss
 
     def run() -> None:
         h = h_head.detach().clone().requires_grad_(True)
@@ -242,8 +246,8 @@ def _loss_time(model: M.LayeredModel, h_head: torch.Tensor, x: torch.Tensor, kd_
             y = x[:, : f.shape[1]] if x.dim() == 2 else torch.zeros(f.shape[:2], dtype=torch.long)
             tf = f.detach() if kd_possible else None
             teacher = {"head": model.get_layer("head")} if kd_possible else {}
-            loss = E.lm_loss(model, f, y.long() % max(1, getattr(model, "vocab_size", 1)), tf, teacher,
-                             0.5 if kd_possible else 0.0, 2.0)
+            loss = lm_loss(model, f, y.long() % max(1, getattr(model, "vocab_size", 1)), tf, teacher,
+                           0.5 if kd_possible else 0.0, 2.0)
         else:
             logits = model.project(f)
             loss = K.kd_loss(logits, logits.detach() if kd_possible else None,
@@ -253,12 +257,12 @@ def _loss_time(model: M.LayeredModel, h_head: torch.Tensor, x: torch.Tensor, kd_
     return _timeit(run, 1)
 
 
-def _nograd(model: M.LayeredModel, n: str, h: Any) -> Any:
+def _nograd(model: LayeredModel, n: str, h: Any) -> Any:
     with torch.no_grad():
         return model.run(n, h)
 
 
-def _signature(model: M.LayeredModel, name: str) -> Any:
+def _signature(model: LayeredModel, name: str) -> Any:
     if name in ("stem", "head"):
         return name
     return tuple((k, tuple(v.shape)) for k, v in model._templates[name].state_dict().items())

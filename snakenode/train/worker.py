@@ -134,15 +134,17 @@ class WorkerService:
 
     @staticmethod
     def classify(exc: BaseException) -> tuple[str, str]:
-        from snakenode.train import data, engine, models
+        from snakenode.train import data
+        from snakenode.train.hopconfig import EngineError
+        from snakenode.train.layered import ModelError
 
         if isinstance(exc, RequestError):
             return "bad_request", str(exc)
-        if isinstance(exc, engine.EngineError):
+        if isinstance(exc, EngineError):
             return exc.kind, str(exc)
         if isinstance(exc, data.DataError):
             return "bad_data", str(exc)
-        if isinstance(exc, models.ModelError):
+        if isinstance(exc, ModelError):
             return "bad_model", str(exc)
         if isinstance(exc, MemoryError):
             return "out_of_memory", "the worker ran out of memory; use a smaller window, batch or micro_batch"
@@ -197,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass
-    from snakenode.train.engine import tune_malloc
+    from snakenode.train.memory import tune_malloc
 
     tune_malloc()
     svc = WorkerService(a.home)

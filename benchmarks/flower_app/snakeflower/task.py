@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from snakenode.train import data as D
 from snakenode.train import models as M
+from snakenode.train.layered import LayeredModel
 
 EVAL_BATCH = 64          # the engine evaluates in batches of max(train batch, 64); the result does not depend on it
 
@@ -47,7 +48,7 @@ def job_like(model: str, model_args: dict[str, Any] | str, seed: int) -> dict[st
     return {"model": model, "model_args": args, "seed": seed}
 
 
-def build_model(job: dict[str, Any]) -> M.LayeredModel:
+def build_model(job: dict[str, Any]) -> LayeredModel:
     """The job's model with the deterministic initial weights every snake node starts from."""
     spec = M.spec_from_job(job)
     model = M.build_skeleton(spec)
@@ -60,7 +61,7 @@ def state_arrays(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def train_epochs(model: M.LayeredModel, x: np.ndarray, y: np.ndarray, *, epochs: int, batch: int, lr: float,
+def train_epochs(model: LayeredModel, x: np.ndarray, y: np.ndarray, *, epochs: int, batch: int, lr: float,
                  momentum: float, seed: int) -> dict[str, float]:
     """Plain local SGD on the whole model, as a FedAvg client does: a fresh optimizer every round."""
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
@@ -87,7 +88,7 @@ def train_epochs(model: M.LayeredModel, x: np.ndarray, y: np.ndarray, *, epochs:
 
 
 @torch.no_grad()
-def evaluate(model: M.LayeredModel, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+def evaluate(model: LayeredModel, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
     """Test loss and accuracy, computed as the engine's `evaluate` computes them."""
     was = model.training
     model.eval()
