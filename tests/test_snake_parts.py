@@ -288,3 +288,21 @@ def test_pure_decision_modules_import_neither_trio_nor_net() -> None:
         bad = {m for m in _imports(SNAKE / f"{name}.py")
                if m.split(".")[0] in ("trio", "libp2p") or m.startswith("snakenode.net")}
         assert not bad, f"snake/{name}.py imports {sorted(bad)}: pure decisions take their inputs as arguments"
+
+
+async def test_fault_seams_act_only_when_armed(tmp_path: Path) -> None:
+    import numpy as np
+
+    from snakenode.layers import bundle as bundle_mod
+    from snakenode.layers.store import LayerStore
+
+    assert await faults.Faults("decline@accept").at_accept(0.0, hop=1) is True
+    assert await faults.Faults("hang@accept").at_accept(0.01, hop=1) is False, "hang stalls, then answers"
+    assert await faults.Faults("").at_accept(0.0, hop=1) is False
+    store = LayerStore(tmp_path / "store")
+    h = store.put_bytes(bundle_mod.encode_blob({"w": np.ones(4, dtype=np.float32), "n": np.arange(2)}))
+    assert await faults.Faults("").at_handoff({"head": h}, store, hop=0) is None
+    poisoned = await faults.Faults("poison@handoff").at_handoff({"head": h}, store, hop=0)
+    assert poisoned is not None and poisoned["head"] != h
+    tensors = bundle_mod.decode_blob(store.get_bytes(poisoned["head"]), "head")
+    assert tensors["w"].tolist() == [1000.0] * 4 and tensors["n"].tolist() == [0, 1], "floats scaled, ints kept"
