@@ -306,3 +306,29 @@ async def test_fault_seams_act_only_when_armed(tmp_path: Path) -> None:
     assert poisoned is not None and poisoned["head"] != h
     tensors = bundle_mod.decode_blob(store.get_bytes(poisoned["head"]), "head")
     assert tensors["w"].tolist() == [1000.0] * 4 and tensors["n"].tolist() == [0, 1], "floats scaled, ints kept"
+
+
+async def test_the_assign_and_upload_fault_phases_fire_where_cs_acts() -> None:
+    """assign = the coordinator hands a hop out (instead of `propose`), upload = a CS node gives its trained
+    hop back: both fire before any stream is opened (raise shows the spot without a network)."""
+    from snakenode.counters import Counters
+    from snakenode.snake.handoff import Handoff
+    from snakenode.snake.uplink import Uplink
+
+    run = SimpleNamespace(job_id=JOB, spec={"mode": "cs", "coordinator": D, "fallback": "none"}, fallback=False,
+                          signed=SimpleNamespace(encode=lambda: b""), custody=SimpleNamespace(chain=lambda *a: []))
+    hop = SimpleNamespace(hop=3, attempt=0, lineage="0" * 64, window=SimpleNamespace(size=1))
+    for me, armed, fires in ((D, "raise@assign:hop=3", True), (D, "raise@propose:hop=3", False),
+                             (A, "raise@propose:hop=3", True), (A, "raise@assign:hop=3", False)):
+        # No host: a proposal that gets past its fault phase fails at opening the stream (counted).
+        ctx = SimpleNamespace(counters=Counters(), faults=faults.Faults(armed), svc=SimpleNamespace(host=None))
+        handoff = Handoff(ctx, None, None, None, Modes(me, lambda p: True), None, None)  # type: ignore[arg-type]
+        if fires:
+            with pytest.raises(RuntimeError, match="injected fault"):
+                await handoff.propose(run, B, hop, {})  # type: ignore[arg-type]
+        else:
+            assert await handoff.propose(run, B, hop, {}) == (None, 0, None)  # type: ignore[arg-type]
+            assert ctx.faults.items[0].fired == 0 and ctx.counters.snapshot()["snake.propose.failed"] == 1
+    ctx = SimpleNamespace(counters=Counters(), faults=faults.Faults("raise@upload:hop=3"))
+    with pytest.raises(RuntimeError, match="injected fault at upload"):
+        await Uplink(ctx, None, None)._upload(run, D, hop, {}, None)  # type: ignore[arg-type]
