@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from scenarios import analysis, expect
 from scenarios.spec import Scenario
+from snakenode import metric
 
 
 class RunView(Protocol):
@@ -179,14 +180,12 @@ def table(report: dict[str, Any]) -> Any:
                        f["trigger"] + ("" if f["fired"] else " [red](never fired)[/]"),
                        "-" if rec is None else f"{rec:.1f}")
         parts.append(ft)
-    jt = Table(title="jobs", title_justify="left")
+    jt = Table(title="jobs", title_justify="left",
+               caption="test: acc = accuracy (higher is better), ppl = perplexity (lower is better)")
     for col in ("job", "hops", "laps", "final holder", "test", "done at (s)", "bundle bytes"):
         jt.add_column(col)
     for j in report["jobs"]:
-        test = j.get("test") or {}
-        acc = test.get("accuracy")
-        jt.add_row(j["name"], str(j["hops"]), str(j["laps"]), str(j["final_holder"] or "-"),
-                   "-" if acc is None else f"acc={acc:.3f}",
+        jt.add_row(j["name"], str(j["hops"]), str(j["laps"]), str(j["final_holder"] or "-"), metric.short(j.get("test")),
                    "-" if j["completed_t"] is None else f"{j['completed_t']:.1f}", str(j["bytes_bundles"]))
     parts.append(jt)
     if report.get("error"):

@@ -15,6 +15,8 @@ from typing import Any, NoReturn
 
 import typer
 
+from snakenode import metric
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Peer-to-peer Snake Learning: one model travels node to node; each trains a window of layers.")
 trust_app = typer.Typer(help="Which submitters' jobs this node accepts.", no_args_is_help=True)
@@ -268,14 +270,20 @@ def _short(pid: str | None) -> str:
     return "-" if not pid else pid[-8:]
 
 
+METRIC_KEY = "acc = accuracy (higher is better), ppl = perplexity (lower is better)"
+
+
 def _fmt_metrics(m: dict[str, Any] | None) -> str:
     if not m:
         return "-"
-    if "accuracy" in m:
-        return f"acc={m['accuracy']:.3f}"
-    if "perplexity" in m:
-        return f"ppl={m['perplexity']:.2f}"
-    return f"loss={m.get('loss', float('nan')):.3f}"
+    text = metric.short(m)
+    return text if text != "-" else f"loss={m.get('loss', float('nan')):.3f}"
+
+
+def _fmt_final(m: dict[str, Any] | None) -> str:
+    """A final result in words: 'test perplexity 168.20 (lower is better)'."""
+    r = metric.of(m)
+    return "test -" if r.value is None else f"test {r.name} {r.text(4)} ({r.label.split('(')[1]}"
 
 
 @app.command()
@@ -287,7 +295,7 @@ def jobs(home: Path = HomeOpt, as_json: bool = JsonOpt) -> None:
         return
     from rich.table import Table
 
-    t = Table(title=f"{len(rows)} jobs")
+    t = Table(title=f"{len(rows)} jobs", caption=METRIC_KEY)
     for col in ("job", "name", "status", "joined", "hop", "lap", "holder", "window", "metric"):
         t.add_column(col)
     for r in rows:
@@ -358,7 +366,7 @@ def watch(
             if not as_json and summary.get("completed"):
                 c = summary["completed"]
                 print(f"complete: {c['hop'] + 1} hops, {c['lap']} laps, final holder {_short(c['holder'])}, "
-                      f"test {_fmt_metrics(c.get('test'))}", flush=True)
+                      f"{_fmt_final(c.get('test'))}", flush=True)
             return
         if timeout and _time.monotonic() - t0 > timeout:
             _fail(f"job {job_id} did not complete within {timeout:g} s (status {summary['status']})")
@@ -379,7 +387,7 @@ def fetch(
         _print_json(result)
     else:
         print(f"wrote {result['path']} ({result['bytes']} bytes, {len(result['layers'])} layers, "
-              f"hop {result['hop']}, test {_fmt_metrics(result.get('test'))})")
+              f"hop {result['hop']}, {_fmt_final(result.get('test'))})")
 
 
 @app.command()

@@ -1,7 +1,7 @@
 """The fast bulk lane: bundle bytes over a separate TCP connection secured with TLS 1.3.
 
 Why: py-libp2p's Noise+Yamux stream is CPU-bound at ~80 MB/s and ~1 CPU-second per 100 MB on each side
-(docs/PROTOCOL.md, "Fast bulk lane"; benchmarks/transfer.py measures both). Python's `ssl` keeps every
+(docs/DESIGN.md, "py-libp2p 0.8.1"; benchmarks/transfer.py measures both paths). Python's `ssl` keeps every
 per-record step (AES-GCM, framing) in OpenSSL, so a blocking socket driven from a worker thread moves bundle
 bytes at close to plain-TCP speed.
 
