@@ -341,6 +341,7 @@ def watch(
 
     job_id = _job_id(home, job_id)
     since = 0
+    last_live: dict[str, Any] | None = None
     t0 = _time.monotonic()
     while True:
         detail = _call(home, "job", {"job_id": job_id, "since": since})
@@ -348,6 +349,13 @@ def watch(
             print(json.dumps(rec, sort_keys=True) if as_json else _record_line(rec), flush=True)
         since = detail["total"]
         summary = detail["summary"]
+        live = summary.get("training")  # this node's worker progress while it trains a hop
+        if live and live != last_live and not as_json:
+            hop = (summary.get("local_state") or {}).get("hop")
+            fields = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                              for k, v in live.items() if k != "event")
+            print(f"         training     hop={hop} {live.get('event')} {fields}", flush=True)
+        last_live = live
         if summary["status"] == "complete" or not follow:
             if not as_json:
                 # The other nodes' proposals, hand-offs and declines are not gossiped: pull them once.

@@ -17,15 +17,73 @@ import trio
 
 from snakenode import logs
 from snakenode.config import NodeConfig
-from snakenode.faults import Faults
+from snakenode.control import ControlError
+from snakenode.faults import TEST_RAISE_PROTOCOL, Faults
+from snakenode.home import write_json_atomic
 from snakenode.identity import Identity
+from snakenode.net.lane.server import LaneServer
 from snakenode.net.service import NetService
+from snakenode.snake.context import NodeContext
+from snakenode.snake.node import Snake
 
 log = logs.get("daemon")
 
 COMPUTE_CACHE = "cache/compute.json"
 # The worker is closed after this long without work, so an idle node stays small (no torch in memory).
 WORKER_IDLE_S = 60.0
+
+
+class Worker:
+    """The torch worker as the snake uses it (snake/context.py's WorkerPort): started when first needed,
+    one call at a time, closed after WORKER_IDLE_S without work."""
+
+    def __init__(self, cfg: NodeConfig) -> None:
+        self.cfg = cfg
+        self.client: Any = None  # train.client.WorkerClient while the worker process runs
+        self.lock = trio.Lock()
+        self._last_used = 0.0
+
+    def _get(self) -> Any:
+        if self.client is None:
+            from snakenode.train.client import WorkerClient  # the training package loads only when needed
+
+            self.client = WorkerClient(self.cfg.home, threads=self.cfg.threads, nice=self.cfg.worker_nice)
+        return self.client
+
+    async def call(self, op: str, args: dict[str, Any], on_event: Any = None) -> Any:
+        async with self.lock:
+            try:
+                return await self._get().call(op, args, on_event=on_event)
+            finally:
+                self._last_used = time.monotonic()
+
+    async def cancel(self) -> None:
+        """Kill the running call's worker (the next call starts a new one)."""
+        if self.client is not None:
+            await self.client.cancel()
+
+    @property
+    def busy(self) -> bool:
+        return self.lock.locked()
+
+    async def reaper(self) -> None:
+        while True:
+            await trio.sleep(5)
+            if (self.client is not None and not self.lock.locked()
+                    and time.monotonic() - self._last_used > WORKER_IDLE_S):
+                async with self.lock:
+                    await self.client.aclose()
+                    self.client = None
+                    log.debug("worker_closed", reason="idle")
+
+    async def aclose(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+
+    def status(self) -> dict[str, Any]:
+        w = self.client
+        return {"running": bool(w is not None and w.running), "pid": None if w is None else w.pid,
+                "busy": self.lock.locked()}
 
 
 class Daemon:
@@ -37,9 +95,7 @@ class Daemon:
         if self.faults.enabled:
             log.warning("test_faults_enabled", spec=cfg.test_faults)
         self.data_spec: Any = None
-        self.worker: Any = None
-        self._worker_lock = trio.Lock()
-        self._worker_last_used = 0.0
+        self.worker = Worker(cfg)
         svc = self.service
         svc.profile_fields["memory_mb"] = cfg.memory_mb
         if cfg.data:
@@ -53,37 +109,10 @@ class Daemon:
         cached = self._read_compute_cache()
         if cached is not None:
             svc.profile_fields["compute"] = self._scaled(cached)
-        from snakenode.snake.p2p import Snake
-
-        self.lane: Any = None  # net.lane.LaneServer once listening (lane_port >= 0)
-        self.snake = Snake(self)
+        self.ctx = NodeContext(cfg, ident, svc, self.worker, self.faults, self.data_spec)
+        self.snake = Snake(self.ctx)
         self._bench_until = 0.0
         svc.status_extra.append(self._status_extra)
-
-    # --- worker -------------------------------------------------------------------------------
-    def get_worker(self) -> Any:
-        if self.worker is None:
-            from snakenode.train.client import WorkerClient
-
-            self.worker = WorkerClient(self.cfg.home, threads=self.cfg.threads, nice=self.cfg.worker_nice)
-        return self.worker
-
-    async def worker_call(self, op: str, args: dict[str, Any], on_event: Any = None) -> Any:
-        async with self._worker_lock:
-            try:
-                return await self.get_worker().call(op, args, on_event=on_event)
-            finally:
-                self._worker_last_used = time.monotonic()
-
-    async def _worker_reaper(self) -> None:
-        while True:
-            await trio.sleep(5)
-            if (self.worker is not None and not self._worker_lock.locked()
-                    and time.monotonic() - self._worker_last_used > WORKER_IDLE_S):
-                async with self._worker_lock:
-                    await self.worker.aclose()
-                    self.worker = None
-                    log.debug("worker_closed", reason="idle")
 
     # --- compute score ------------------------------------------------------------------------
     def _cache_path(self) -> Path:
@@ -107,14 +136,12 @@ class Daemon:
             return
         t0 = time.monotonic()
         try:
-            result = await self.worker_call("benchmark", {})
+            result = await self.worker.call("benchmark", {})
         except Exception as exc:  # noqa: BLE001 - the node still works; routing treats compute as unknown
             self.service.counters.add("error.compute_benchmark")
             log.warning("compute_benchmark_failed", error=f"{type(exc).__name__}: {exc}")
             return
         measured = {"samples_per_s": float(result["samples_per_s"]), "workload": str(result.get("workload", ""))}
-        from snakenode.home import write_json_atomic
-
         write_json_atomic(self._cache_path(), measured)
         self.service.profile_fields["compute"] = self._scaled(measured)
         self.service.profile_changed()
@@ -139,31 +166,19 @@ class Daemon:
             svc.node_json_extra["lane_port"] = None
             log.info("lane_disabled")
             return
-        from snakenode.net.lane import LaneServer
-
         server = LaneServer(svc.counters, host=self._lane_host(), port=self.cfg.lane_port)
         port = await nursery.start(server.serve)
-        self.lane = server
+        self.ctx.lane = server
         svc.node_json_extra["lane_port"] = port
         svc.profile_fields["lane_port"] = port
         svc.profile_changed()
 
-    async def _raising_handler(self, io: Any) -> None:
-        await io.read_exact(1)
-        self.faults.check("handler")
-        raise RuntimeError("test handler reached its end without an injected fault")
-
     def _status_extra(self) -> dict[str, Any]:
-        w = self.worker
-        r = self.snake.reservation
         return {
-            "worker": {"running": bool(w is not None and w.running), "pid": None if w is None else w.pid,
-                       "busy": self._worker_lock.locked()},
-            "snake": {"active": self.snake.active,
-                      "reservation": None if r is None else {"job": r.run.job_id, "hop": r.state.hop,
-                                                             "from": r.proposer}},
+            "worker": self.worker.status(),
+            "snake": self.snake.status(),
             "jobs": len(self.snake.jobs),
-            **({"schedule": self.snake.cs.schedule()} if self.cfg.role == "coordinator" else {}),
+            **({"schedule": self.snake.schedule()} if self.cfg.role == "coordinator" else {}),
             "data": self.cfg.data or None,
             "memory_budget_mb": self.cfg.memory_mb,
         }
@@ -176,44 +191,36 @@ class Daemon:
         return self.snake.jobs_view()
 
     async def _op_job(self, args: Any) -> Any:
-        job_id = self._job_id(args.str("job_id", 64))
-        if args.bool("collect", required=False) and job_id in self.snake.jobs:
+        job_id = self.snake.resolve(args.str("job_id", 64))
+        if args.bool("collect", required=False):
             with trio.move_on_after(3):
-                await self.snake.collect(self.snake.jobs[job_id])
+                await self.snake.collect(job_id)
         return self.snake.job_detail(job_id, args.int("since", 0, 2**40, required=False))
 
     async def _op_fetch(self, args: Any) -> Any:
         out = args.str("out", 4096)
         if not os.path.isabs(out):
-            from snakenode.control import ControlError
-
             raise ControlError("out must be an absolute path", "bad_request")
-        return await self.snake.fetch(self._job_id(args.str("job_id", 64)), out)
+        return await self.snake.fetch(self.snake.resolve(args.str("job_id", 64)), out)
 
     async def _op_resume(self, args: Any) -> Any:
-        return await self.snake.resume(self._job_id(args.str("job_id", 64)))
-
-    def _job_id(self, prefix: str) -> str:
-        matches = [j for j in self.snake.jobs if j.startswith(prefix)] if prefix else []
-        return matches[0] if len(matches) == 1 else prefix
+        return await self.snake.resume(self.snake.resolve(args.str("job_id", 64)))
 
     async def _op_reload_trust(self, args: Any) -> Any:
         from snakenode import config
 
         cfg = config.load(self.cfg.home, {})
-        self.snake.extra_trusted = set(cfg.trusted_submitters)
+        self.snake.set_extra_trusted(set(cfg.trusted_submitters))
         return {"trusted": sorted(self.snake.trusted())}
 
     async def _op_bench(self, args: Any) -> Any:
         """Re-measure compute for `seconds` in the worker (a CPU-heavy torch job), in the background."""
         seconds = args.float("seconds", 0.0, 3600.0, required=False, default=5.0)
         if seconds <= 0:
-            if self.worker is not None and self._worker_lock.locked() and self._bench_until:
+            if self.worker.busy and self._bench_until:
                 await self.worker.cancel()
             return {"started": False}
-        if self._worker_lock.locked():
-            from snakenode.control import ControlError
-
+        if self.worker.busy:
             raise ControlError("the worker is busy (training); try again when the node is idle", "busy")
         assert self.service.nursery is not None
         self.service.nursery.start_soon(self._bench, seconds)
@@ -222,10 +229,8 @@ class Daemon:
     async def _bench(self, seconds: float) -> None:
         self._bench_until = time.monotonic() + seconds
         try:
-            result = await self.worker_call("benchmark", {"seconds": seconds})
+            result = await self.worker.call("benchmark", {"seconds": seconds})
             measured = {"samples_per_s": float(result["samples_per_s"]), "workload": str(result.get("workload", ""))}
-            from snakenode.home import write_json_atomic
-
             write_json_atomic(self._cache_path(), measured)
             self.service.profile_fields["compute"] = self._scaled(measured)
             self.service.profile_changed()
@@ -245,8 +250,8 @@ class Daemon:
             pid = self.cfg.coordinator.split("/p2p/")[-1]
             self.service.discovery.hint(pid, [self.cfg.coordinator])  # only helps to connect
         if self.faults.has("handler"):
-            self.service.register_protocol("/snake/test-raise/1.0.0", "test-raise", self._raising_handler)
-        nursery.start_soon(self._worker_reaper)
+            self.service.register_protocol(TEST_RAISE_PROTOCOL, "test-raise", self.faults.raising_handler)
+        nursery.start_soon(self.worker.reaper)
         nursery.start_soon(self._measure_compute)
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -255,9 +260,8 @@ class Daemon:
                 await nursery.start(self._run_service)
                 task_status.started()
         finally:
-            if self.worker is not None:
-                with trio.move_on_after(2, shield=True):
-                    await self.worker.aclose()
+            with trio.move_on_after(2, shield=True):
+                await self.worker.aclose()
 
     async def _run_service(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         await self.service.run(task_status, extra=self._extra)

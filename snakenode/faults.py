@@ -11,7 +11,12 @@ ACTION: exit (SIGKILL itself: a crash with no cleanup), stop (SIGSTOP itself: a 
         raise (the handler or step raises RuntimeError), decline (answer every Propose with Decline),
         hang (stop answering at this phase, stay alive), break (send/recv: reset the bundle stream here),
         poison (handoff: scale every float weight of the model by 1000 before handing it on).
-PHASE:  propose, accept, send, recv, train, handoff, handler, assign, upload.
+PHASE:  propose (a holder proposes a hop), accept (a node answers a proposal or an assignment), send, recv
+        (bundle bytes), train (a hop starts training), handoff (a trained hop is about to be handed on),
+        handler (a test-only protocol that raises), assign (a CS coordinator assigns a hop), upload (a CS
+        node uploads its trained hop to the coordinator).
+        exit, stop and raise work at every phase; decline and hang only at accept, break only at send and
+        recv, poison only at handoff. Other pairs would silently do nothing and are refused when parsed.
 KEYS:   hop=N (only at this hop), attempt=N, after_bytes=N (recv/send: once this many bundle bytes moved),
         times=N (fire at most N times, default 1; 0 = always), job=ID.
 """
@@ -24,12 +29,22 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any
 
+import trio
+
 from snakenode import logs
+from snakenode.layers import bundle as bundle_mod
+from snakenode.layers.store import LayerStore
 
 log = logs.get("faults")
 
 ACTIONS = ("exit", "stop", "raise", "decline", "hang", "break", "poison")
 PHASES = ("propose", "accept", "send", "recv", "train", "handoff", "handler", "assign", "upload")
+GENERIC = ("exit", "stop", "raise")
+SUPPORTED = {
+    "propose": GENERIC, "accept": (*GENERIC, "decline", "hang"), "send": (*GENERIC, "break"),
+    "recv": (*GENERIC, "break"), "train": GENERIC, "handoff": (*GENERIC, "poison"), "handler": GENERIC,
+    "assign": GENERIC, "upload": GENERIC,
+}
 INT_KEYS = ("hop", "attempt", "after_bytes", "times")
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|KiB|MiB|GiB|kbit|Mbit|Gbit)?/s$", re.I)
 _UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30,
@@ -83,6 +98,9 @@ def parse(spec: str) -> tuple[list[Fault], float | None]:
                 f"bad fault {item!r}: expected ACTION@PHASE[:KEY=VALUE] with ACTION in {', '.join(ACTIONS)} "
                 f"and PHASE in {', '.join(PHASES)}"
             )
+        if action not in SUPPORTED[phase]:
+            raise FaultSpecError(f"bad fault {item!r}: {action} does nothing at {phase}; at {phase} use "
+                                 f"{', '.join(SUPPORTED[phase])} (see `--test-faults` in docs/OPERATIONS.md)")
         params: dict[str, Any] = {}
         for kv in re.split(r"[:&]", tail) if tail else []:
             key, eq, value = kv.partition("=")
@@ -129,3 +147,36 @@ class Faults:
 
     def has(self, phase: str) -> bool:
         return any(f.phase == phase for f in self.items)
+
+    # --- the seams the node calls: each is a no-op unless a fault of that phase is armed -------------------
+    async def at_accept(self, hang_s: float, **ctx: Any) -> bool:
+        """Before answering a proposal: True to decline it on purpose; `hang` stalls the answer `hang_s`."""
+        action = self.check("accept", **ctx)
+        if action == "hang":
+            await trio.sleep(hang_s)
+        return action == "decline"
+
+    async def at_handoff(self, model: dict[str, str], store: LayerStore, **ctx: Any) -> dict[str, str] | None:
+        """Before a trained hop is handed on: the poisoned model to send instead (poison), else None."""
+        if self.check("handoff", **ctx) != "poison":
+            return None
+        return await trio.to_thread.run_sync(poisoned, model, store)
+
+    async def raising_handler(self, io: Any) -> None:
+        """The handler of /snake/test-raise/1.0.0 (registered only when a `handler` fault is armed)."""
+        await io.read_exact(1)
+        self.check("handler")
+        raise RuntimeError("test handler reached its end without an injected fault")
+
+
+TEST_RAISE_PROTOCOL = "/snake/test-raise/1.0.0"
+
+
+def poisoned(model: dict[str, str], store: LayerStore) -> dict[str, str]:
+    """TEST ONLY (poison@handoff): the model with every float weight scaled by 1000."""
+    out = {}
+    for name, h in model.items():
+        tensors = bundle_mod.decode_blob(store.get_bytes(h), name)
+        scaled = {k: (v * 1000).astype(v.dtype) if v.dtype.kind == "f" else v for k, v in tensors.items()}
+        out[name] = store.put_bytes(bundle_mod.encode_blob(scaled))
+    return out

@@ -5,8 +5,6 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import pytest
-
 from snakenode import config, wire
 from snakenode.snake import hoplog, messages
 
@@ -52,12 +50,9 @@ def test_every_counter_family_in_the_code_is_documented() -> None:
 # DESIGN.md outside docs/ means a design document that is not in the repository (ours is docs/DESIGN.md).
 _OUTSIDE = [re.compile(p) for p in (r"\.\./shared", r"/work/\w", r"(?<![\w/.-])notes/[\w-]+\.md")]
 _BARE_DESIGN = re.compile(r"(?<![\w/.-])DESIGN\.md")
-# Cited in a file that the redesign of snake/ (part B) rewrites (the lane split, part A, has landed); the lead drops
-# this set and the strict xfail below when it lands.
-_CITED_ELSEWHERE = {"snakenode/snake/p2p.py"}
 
 
-def _outside_citations(only: set[str] | None = None) -> list[str]:
+def _outside_citations() -> list[str]:
     root = Path(__file__).resolve().parents[1]
     files = [root / "README.md"] + [p for d in ("snakenode", "bootstrap", "scenarios", "docs", "benchmarks", "tests")
                                     for p in sorted((root / d).rglob("*"))
@@ -65,8 +60,7 @@ def _outside_citations(only: set[str] | None = None) -> list[str]:
     out = []
     for path in files:
         rel = str(path.relative_to(root))
-        if rel == "tests/test_docs.py" or (only is not None and rel not in only) or \
-                (only is None and rel in _CITED_ELSEWHERE):
+        if rel == "tests/test_docs.py":
             continue
         for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
             pats = _OUTSIDE + ([] if rel.startswith("docs/") else [_BARE_DESIGN])
@@ -78,10 +72,3 @@ def _outside_citations(only: set[str] | None = None) -> list[str]:
 def test_docs_and_docstrings_cite_only_files_in_the_repository() -> None:
     found = _outside_citations()
     assert not found, "cite docs/DESIGN.md (or another file in the repository) instead:\n" + "\n".join(found)
-
-
-@pytest.mark.xfail(strict=True, reason="p2p.py is rewritten by the redesign of snake/ (part B), which repoints its "
-                                       "citations")
-def test_the_snake_core_and_the_lane_cite_only_files_in_the_repository() -> None:
-    found = _outside_citations(_CITED_ELSEWHERE)
-    assert not found, "\n".join(found)

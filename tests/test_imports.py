@@ -34,10 +34,6 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("snakenode", "bootstrap", "scenarios")
 MAX_LINES = 600
 
-# Violations that only the redesign of snake/ (part B) removes (the lane split, part A, has landed). Each has its
-# own strict-xfail test below; the lead drops these sets together with the xfail markers at the merge.
-KNOWN_CIRCLE = {"snakenode.daemon", "snakenode.snake.p2p", "snakenode.snake.coordinator"}
-KNOWN_LARGE = {"snakenode.snake.p2p"}
 
 
 @dataclass
@@ -227,16 +223,9 @@ def graph() -> Graph:
 
 
 def test_no_import_circle(graph: Graph) -> None:
-    found = [c for c in circles(graph) if not set(c) <= KNOWN_CIRCLE]
+    found = circles(graph)
     assert not found, _fmt([" -> ".join(c) for c in found], "import circles (break them: move the shared part "
                                                              "below both, or pass it in)")
-
-
-@pytest.mark.xfail(strict=True, reason="the daemon <-> snake/p2p.py <-> snake/coordinator.py circle is fixed by "
-                                       "the redesign of snake/ (part B)")
-def test_no_import_circle_in_the_snake_core(graph: Graph) -> None:
-    found = [c for c in circles(graph) if set(c) & KNOWN_CIRCLE]
-    assert not found, _fmt([" -> ".join(c) for c in found], "import circles")
 
 
 def test_net_and_train_never_reach_the_snake_package(graph: Graph) -> None:
@@ -265,7 +254,7 @@ def test_the_daemon_process_never_imports_torch() -> None:
                                     "talk to it through snakenode.train.client)")
 
 
-PURE = ("routing", "window", "state", "guard")
+PURE = ("routing", "window", "state", "guard", "modes")
 
 
 def _pure_modules(g: Graph) -> list[str]:
@@ -282,14 +271,8 @@ def test_pure_decision_modules_reach_neither_trio_nor_net(graph: Graph) -> None:
 
 
 def test_no_module_over_600_lines(graph: Graph) -> None:
-    big = sorted(f"{m} ({n} lines)" for m, n in graph.lines.items() if n > MAX_LINES and m not in KNOWN_LARGE)
+    big = sorted(f"{m} ({n} lines)" for m, n in graph.lines.items() if n > MAX_LINES)
     assert not big, _fmt(big, f"modules over {MAX_LINES} lines (split them by concern)")
-
-
-@pytest.mark.xfail(strict=True, reason="snake/p2p.py is split by the redesign of snake/ (part B)")
-def test_the_known_large_modules_are_split(graph: Graph) -> None:
-    big = sorted(f"{m} ({graph.lines[m]} lines)" for m in KNOWN_LARGE if graph.lines.get(m, 0) > MAX_LINES)
-    assert not big, _fmt(big, f"modules over {MAX_LINES} lines")
 
 
 # ---------------------------------------------------------------------------------------------- the checker

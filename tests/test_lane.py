@@ -54,7 +54,7 @@ class Model:
 
 
 class Receiver:
-    """What p2p.py's bundle handler does, minus the snake's reservation logic; it serves the lane and the
+    """What snake/receiver.py's bundle handler does, minus the snake's reservation logic; it serves the lane and the
     libp2p stream alike (lane.receive_layers picks the fast path for a LaneIO)."""
 
     def __init__(self, model: Model, root: Path) -> None:

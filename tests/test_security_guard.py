@@ -1,4 +1,5 @@
-"""Issue 7: the poisoning guard's decisions (`Snake._poison_check`), without a network.
+"""Issue 7: the poisoning guard's decisions (snake/guard.py, measured by `receiver.poison_check`), without a
+network.
 
 The end-to-end tests drive the guard through real nodes (tests/test_snake_p2p.py: a poisoned hand-off is
 refused and an honest non-IID job never trips it; tests/test_security_hostile.py: a hostile bundle is
@@ -18,7 +19,7 @@ import pytest
 
 from snakenode.layers import bundle as B
 from snakenode.snake.job import JobSpecError, validate_spec
-from snakenode.snake.p2p import Snake
+from snakenode.snake.receiver import poison_check
 
 
 def _blob(scale: float) -> bytes:
@@ -42,15 +43,13 @@ def _h(blob: bytes) -> str:
     return hashlib.sha256(blob).hexdigest()
 
 
-def _snake(store: _Store, loss: float | Exception) -> Any:
-    async def worker_call(op: str, args: dict[str, Any]) -> dict[str, Any]:
-        assert op == "evaluate" and args["split"] == "val"
+def _evaluate(loss: float | Exception) -> Any:
+    async def evaluate(run: Any, model: dict[str, str]) -> dict[str, Any]:
         if isinstance(loss, Exception):
             raise loss
         return {"loss": loss}
 
-    return SimpleNamespace(store=store, d=SimpleNamespace(data_spec=SimpleNamespace(to_dict=dict),
-                                                          worker_call=worker_call))
+    return evaluate
 
 
 def _run(held: dict[str, str], incoming_loss: float | None, **guard: Any) -> Any:
@@ -65,8 +64,8 @@ OLD = _blob(1.0)
 async def _check(new: bytes, lap: int, incoming_loss: float | None, loss: float | Exception, **guard: Any
                  ) -> tuple[str | None, Any]:
     run = _run({"blocks.0": _h(OLD)}, incoming_loss, **guard)
-    why = await Snake._poison_check(_snake(_Store(OLD, new), loss), run, SimpleNamespace(lap=lap),
-                                    {"blocks.0": _h(new)})
+    why = await poison_check(_Store(OLD, new), _evaluate(loss), run, SimpleNamespace(lap=lap),  # type: ignore[arg-type]
+                             {"blocks.0": _h(new)})
     return why, run
 
 

@@ -22,14 +22,12 @@ from snakenode.layers import bundle as bundle_mod
 from snakenode.snake import hoplog
 from snakenode.snake.custody import Custody, CustodyError, Link
 from snakenode.snake.job import SignedJob
+from snakenode.snake.phases import Phase
 from snakenode.snake.state import Claim, JobState, compare_claims
 
 
 def _read(path: Path) -> list[dict[str, Any]]:
     return hoplog.read_log(path) if path.exists() else []
-
-
-PHASES = ("idle", "reserved", "receiving", "training", "handing_off", "baton", "done", "superseded", "waiting")
 
 
 @dataclass
@@ -58,7 +56,7 @@ class JobRun:
     init_state: dict[str, str] = field(default_factory=dict)
     ready: trio.Event = field(default_factory=trio.Event)
     # What this node holds of the snake.
-    phase: str = "idle"
+    phase: Phase = Phase.IDLE  # snake/phases.py
     state: JobState | None = None  # the hop this node holds (or last held)
     model: dict[str, str] = field(default_factory=dict)  # layer -> hash of that hop's model
     baton: Baton | None = None
@@ -174,7 +172,7 @@ class JobRun:
     def save_checkpoint(self) -> None:
         b = self.baton
         write_json_atomic(self.dir / "checkpoint.json", {
-            "phase": self.phase,
+            "phase": str(self.phase),
             "state": None if self.state is None else self.state.to_dict(),
             "model": self.model,
             "baton": None if b is None or b.released else {
@@ -209,7 +207,7 @@ class JobRun:
             pass
         try:
             cp = json.loads((d / "checkpoint.json").read_text())
-            run.phase = str(cp.get("phase", "idle"))
+            run.phase = Phase.parse(cp.get("phase", "idle"))
             run.state = JobState.from_dict(cp["state"]) if cp.get("state") else None
             run.model = dict(cp.get("model") or {})
             b = cp.get("baton")

@@ -1,8 +1,8 @@
 """job_state: the snake's own record of where it is, travelling with it hop to hop (pure, no I/O).
 
 Decisions use this record, not each holder's private view, so a retried hop continues exactly where the
-lost one began. Everything here is a pure transition `JobState -> JobState`; the daemon (p2p.py) and the CS
-coordinator call the same functions.
+lost one began. Everything here is a pure transition `JobState -> JobState`; the node's holder and hand-off
+(holder.py, handoff.py) and the CS coordinator call the same functions.
 
 Life of one hop k, as seen by its holder H (state S_k, `holder == H`):
 
