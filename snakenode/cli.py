@@ -72,6 +72,8 @@ def start(
     memory_budget: int = typer.Option(None, "--memory-budget", help="MB this node may use for training"),
     coordinator: str = typer.Option(None, "--coordinator", help="CS mode: coordinator multiaddr (helps connect)"),
     lane_port: int = typer.Option(None, "--lane-port", help="fast bulk lane TCP port (0 = any free, -1 = no lane)"),
+    http: str = typer.Option(None, "--http", help="HOST:PORT of the metrics/API/dashboard server (default "
+                             "127.0.0.1:0 = loopback, any free port; off = none)"),
     trusted: list[str] = typer.Option(None, "--trust", help="peer id whose jobs to accept (repeatable)"),
     allowed_peer: list[str] = typer.Option(None, "--allowed-peer", help="closed network: peer id allowed (repeatable)"),
     ping_interval: float = typer.Option(None, "--ping-interval", help="liveness ping period, seconds"),
@@ -88,7 +90,7 @@ def start(
         "seed": seed, "memory_budget_mb": memory_budget, "coordinator": coordinator, "lane_port": lane_port,
         "trusted_submitters": trusted or None, "allowed_peers": allowed_peer or None,
         "ping_interval_s": ping_interval, "compute_slowdown": compute_slowdown, "log_level": log_level,
-        "test_faults": test_faults,
+        "test_faults": test_faults, "http": http,
     }
     try:
         cfg = config.load(home, flags)

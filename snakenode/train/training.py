@@ -93,7 +93,9 @@ def train_window(model: LayeredModel, train_b: Batches, spec: D.DataSpec, cfg: T
             ep_loss += bl
             ep_count += len(idx)
             if on_event is not None and time.monotonic() - last_event > 2.0:
-                on_event("step", {"epoch": epoch, "step": steps, "loss": bl / len(idx)})
+                elapsed = time.monotonic() - t_train0
+                on_event("step", {"epoch": epoch, "step": steps, "loss": bl / len(idx), "samples": samples,
+                                  "samples_per_s": samples / elapsed if elapsed > 0 else None})
                 last_event = time.monotonic()
             if cfg.max_steps and steps >= cfg.max_steps:
                 stopped = "max_steps"
