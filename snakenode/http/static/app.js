@@ -121,7 +121,7 @@ function renderJob() {
   $("job-status").textContent = job.status + (job.joined ? "" : " (not joined)");
   $("hop-count").textContent = String(rows.length);
   $("hop-count").dataset.hops = String(rows.length);
-  $("job-lap").textContent = `${job.lap == null ? 0 : job.lap + (done ? 0 : 1)} / ${job.laps}`;
+  $("job-lap").textContent = `${done ? done.lap : (job.lap == null ? 0 : job.lap) + 1} / ${job.laps}`;
   const holder = done ? done.holder : job.holder;
   $("job-holder").textContent = short(holder);
   $("job-holder").title = holder || "";
