@@ -104,7 +104,9 @@ def train_window(model: LayeredModel, train_b: Batches, spec: D.DataSpec, cfg: T
                 stopped = "max_time_s"
                 break
         if on_event is not None:
-            on_event("epoch", {"epoch": epoch, "loss": ep_loss / max(ep_count, 1)})
+            elapsed = time.monotonic() - t_train0
+            on_event("epoch", {"epoch": epoch, "step": steps, "loss": ep_loss / max(ep_count, 1), "samples": samples,
+                               "samples_per_s": samples / elapsed if elapsed > 0 else None})
         if stopped:
             break
     t_train = time.monotonic() - t_train0

@@ -76,6 +76,9 @@ function hops(records) {
     if (!prev || r.attempt >= prev.attempt) map.set(r.hop, r);
   }
   const out = [];
+  // The hop in progress: received (gossiped at once) but not trained yet.
+  const lastTrained = trained.size ? Math.max(...trained.keys()) : -1;
+  const pending = [...received.values()].filter((r) => r.hop > lastTrained).sort((a, b) => b.hop - a.hop)[0];
   for (const hop of [...trained.keys()].sort((a, b) => a - b)) {
     const t = trained.get(hop), rec = received.get(hop), before = trained.get(hop - 1);
     out.push({
@@ -83,6 +86,10 @@ function hops(records) {
       metrics: t.metrics_after, bytes: rec ? rec.bytes.bundle_in : null,
       handoff: rec && before && rec.t_recv && before.t_train_end ? Math.max(0, rec.t_recv - before.t_train_end) : null,
     });
+  }
+  if (pending) {
+    out.push({ hop: pending.hop, lap: pending.lap, holder: pending.holder, window: pending.window, metric: null,
+      metrics: null, bytes: pending.bytes.bundle_in, handoff: null, pending: true });
   }
   return out;
 }
@@ -117,12 +124,15 @@ function renderJob() {
   $("job-body").hidden = !job;
   if (!job) return null;
   const rows = hops(state.records);
+  const trainedRows = rows.filter((r) => !r.pending);
   const done = job.completed;
   $("job-status").textContent = job.status + (job.joined ? "" : " (not joined)");
-  $("hop-count").textContent = String(rows.length);
-  $("hop-count").dataset.hops = String(rows.length);
+  $("hop-count").textContent = String(trainedRows.length);
+  $("hop-count").dataset.hops = String(trainedRows.length);
   $("job-lap").textContent = `${done ? done.lap : (job.lap == null ? 0 : job.lap) + 1} / ${job.laps}`;
-  const holder = done ? done.holder : job.holder;
+  // The current holder: the final one, else whoever holds the newest hop (in training or just trained).
+  const newest = rows[rows.length - 1];
+  const holder = done ? done.holder : newest ? newest.holder : job.holder;
   $("job-holder").textContent = short(holder);
   $("job-holder").title = holder || "";
   $("job-window").textContent = job.window ? `blocks [${job.window.start}, ${job.window.end}) of ${job.blocks}` : "-";
@@ -132,14 +142,15 @@ function renderJob() {
   renderProgress(job);
   renderSnake(rows, holder, !!done);
   const metricName = job.metrics && "accuracy" in job.metrics ? "accuracy" : "";
-  lineChart($("chart-metric"), rows.map((r) => r.metric), done ? metricValue(done.test) : null, metricName);
-  barChart($("chart-bytes"), rows.map((r) => r.bytes), fmtBytes);
-  barChart($("chart-handoff"), rows.map((r) => r.handoff), (x) => x.toFixed(2));
+  lineChart($("chart-metric"), trainedRows.map((r) => r.metric), done ? metricValue(done.test) : null, metricName);
+  barChart($("chart-bytes"), trainedRows.map((r) => r.bytes), fmtBytes);
+  barChart($("chart-handoff"), trainedRows.map((r) => r.handoff), (x) => x.toFixed(2));
   return holder;
 }
 
 function renderProgress(job) {
-  const p = state.progress[job.job_id];
+  const s = state.status.state || {};
+  const p = s.kind === "training" && s.job === job.job_id ? state.progress[job.job_id] : null;
   $("progress").hidden = !p;
   if (!p) return;
   $("prog-epoch").textContent = p.epoch == null ? "-" : String(p.epoch);
@@ -155,9 +166,9 @@ function renderSnake(rows, holder, done) {
   const children = [];
   for (const [lap, list] of [...laps.entries()].sort((a, b) => a[0] - b[0])) {
     const cells = list.map((r) => {
-      const cell = el("div", { class: "hop", "data-hop": String(r.hop), "data-holder": r.holder, title: `hop ${r.hop} on ${r.holder}\n${fmtMetric(r.metrics)}` },
+      const cell = el("div", { class: r.pending ? "hop pending" : "hop", "data-hop": String(r.hop), "data-holder": r.holder, title: `hop ${r.hop} on ${r.holder}\n${fmtMetric(r.metrics)}` },
         el("div", { text: `#${r.hop} ${short(r.holder)}` }),
-        el("div", { class: "w", text: r.window ? `[${r.window.start},${r.window.end})` : "" }));
+        el("div", { class: "w", text: (r.window ? `[${r.window.start},${r.window.end})` : "") + (r.pending ? " training" : "") }));
       cell.style.background = colour(r.holder);
       if (r === last && r.holder === holder && !done) cell.classList.add("current");
       return cell;
