@@ -1,6 +1,6 @@
 """Issue 17 end to end: a real node's HTTP side during a real job.
 
-One network (bootstrap + two nodes, hops stretched by compute_slowdown so the job runs ~25 s) serves every
+One network (bootstrap + two nodes, hops stretched by compute_slowdown, a 16-hop job) serves every
 test here: /metrics parsed by prometheus_client's own parser with byte counters growing while the snake
 moves; /api/jobs equal to `snakenode jobs --json`; the dashboard loaded in headless Chromium during the job,
 its rendered DOM checked (one row per peer, the holder highlighted, the hop count rising) and a screenshot
@@ -67,7 +67,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         assert url.startswith("http://127.0.0.1:"), url
         w = World(sn, url, "")
         w.metrics_before = w.get("/metrics")[1].decode()
-        w.job_id = sn.submit(job_toml(laps=5, epochs=2))
+        w.job_id = sn.submit(job_toml(laps=8, epochs=2))  # 16 hops: still running when the browser looks
         yield w
     finally:
         sn.close()

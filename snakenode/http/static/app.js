@@ -129,13 +129,14 @@ function renderJob() {
   $("job-status").textContent = job.status + (job.joined ? "" : " (not joined)");
   $("hop-count").textContent = String(trainedRows.length);
   $("hop-count").dataset.hops = String(trainedRows.length);
-  $("job-lap").textContent = `${done ? done.lap : (job.lap == null ? 0 : job.lap) + 1} / ${job.laps}`;
   // The current holder: the final one, else whoever holds the newest hop (in training or just trained).
   const newest = rows[rows.length - 1];
   const holder = done ? done.holder : newest ? newest.holder : job.holder;
+  $("job-lap").textContent = `${done ? done.lap : (newest ? newest.lap : 0) + 1} / ${job.laps}`;
   $("job-holder").textContent = short(holder);
   $("job-holder").title = holder || "";
-  $("job-window").textContent = job.window ? `blocks [${job.window.start}, ${job.window.end}) of ${job.blocks}` : "-";
+  const win = newest && !done ? newest.window : job.window;
+  $("job-window").textContent = win ? `blocks [${win.start}, ${win.end}) of ${job.blocks}` : "-";
   $("job-metric").textContent = fmtMetric(job.metrics);
   $("job-test").textContent = done ? fmtMetric(done.test) : "pending";
   $("job-model").textContent = `${job.model} · ${job.dataset} · ${job.mode}`;
