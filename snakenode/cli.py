@@ -425,13 +425,15 @@ def demo(
     job_file: Path = typer.Option(None, "--job", help="job spec TOML (default: the built-in digits job)"),
     out: Path = typer.Option(None, "--out", help="directory for logs, report.json and the final model"),
     as_json: bool = typer.Option(False, "--json", help="print the summary as JSON on the last line"),
+    open_browser: bool = typer.Option(False, "--open", help="open the dashboard of node 0 in a web browser"),
 ) -> None:
     """Run a whole local network (bootstrap + N nodes as real processes), one job, and a summary."""
     from snakenode.demo import run_demo
 
     if mode not in ("p2p", "cs"):
         _fail(f"--mode must be p2p or cs, got {mode!r}")
-    raise typer.Exit(run_demo(nodes, laps, dataset, partition, mode, job_file, out, as_json, keep=False))
+    raise typer.Exit(run_demo(nodes, laps, dataset, partition, mode, job_file, out, as_json, keep=False,
+                             open_browser=open_browser))
 
 
 # --- trust -------------------------------------------------------------------------------------------

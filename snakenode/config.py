@@ -90,6 +90,9 @@ SETTINGS: tuple[Setting, ...] = (
             "forwarding, containers; 0 = the listening port)", minimum=0, maximum=65535),
     Setting("lane_min_mb", float, 8.0, "bundles of at least this many MiB go over the lane, smaller ones over "
             "libp2p (0 = every bundle)", minimum=0),
+    Setting("http", str, "127.0.0.1:0", "HOST:PORT of the read-only HTTP server: /metrics, /api/..., the dashboard "
+            "(port 0 = any free port, written to node.json as http_url; off = none). Unauthenticated: bind "
+            "beyond loopback only on a trusted network", flag="--http"),
     Setting("coordinator", str, "", "CS mode: multiaddr of the coordinator (only helps the node connect)",
             flag="--coordinator"),
     Setting("worker_threads", int, 0, "torch threads in the training worker (0 = cores - 1, at least 1)",
@@ -139,6 +142,7 @@ class NodeConfig:
     lane_port: int = _default("lane_port")
     lane_announce_port: int = _default("lane_announce_port")
     lane_min_mb: float = _default("lane_min_mb")
+    http: str = _default("http")
     coordinator: str = _default("coordinator")
     worker_threads: int = _default("worker_threads")
     worker_nice: int = _default("worker_nice")
@@ -256,6 +260,12 @@ def _validate_semantics(cfg: NodeConfig) -> None:
             parse(cfg.test_faults)
         except FaultSpecError as exc:
             raise ConfigError(f"--test-faults: {exc}") from None
+    from snakenode.http.address import HttpAddressError, parse_address
+
+    try:
+        parse_address(cfg.http)
+    except HttpAddressError as exc:
+        raise ConfigError(f"setting 'http' (from {src('http')}): {exc}") from None
     if cfg.ping_timeout_s > cfg.ping_interval_s * 5:
         raise ConfigError("setting 'ping_timeout_s' must be at most 5x 'ping_interval_s' "
                           f"(got {cfg.ping_timeout_s} vs {cfg.ping_interval_s})")

@@ -173,6 +173,29 @@ class Daemon:
         svc.profile_fields["lane_port"] = port
         svc.profile_changed()
 
+    async def _start_http(self, nursery: trio.Nursery) -> None:
+        """The read-only HTTP side (snakenode/http): it sees the node only through these callables, the
+        same ones the control ops serve. node.json gets `http_url` (null with --http off)."""
+        from snakenode.http import Sources, parse_address
+
+        svc = self.service
+        svc.node_json_extra["http_url"] = None
+        if parse_address(self.cfg.http) is None:
+            return
+        from snakenode.http.lag import LagMonitor
+        from snakenode.http.server import serve
+
+        snake = self.snake
+        sources = Sources(
+            status=svc.status, peers=lambda: svc.table.view(time.monotonic()), jobs=snake.jobs_view,
+            job=snake.job_detail, counters=svc.counters.snapshot,
+            progress=lambda: {j: dict(r.last_metrics) for j, r in snake.jobs.items()
+                              if r.phase == "training" and r.last_metrics})
+        lag = LagMonitor()
+        await nursery.start(lag.run)
+        svc.node_json_extra["http_url"] = await nursery.start(serve, self.cfg.http, sources, lag, svc.peer_id)
+        log.info("http_listening", url=svc.node_json_extra["http_url"])
+
     def _status_extra(self) -> dict[str, Any]:
         return {
             "worker": self.worker.status(),
@@ -246,6 +269,7 @@ class Daemon:
         })
         await self._start_lane(nursery)
         await nursery.start(self.snake.run)
+        await self._start_http(nursery)
         if self.cfg.coordinator and self.service.discovery is not None:
             pid = self.cfg.coordinator.split("/p2p/")[-1]
             self.service.discovery.hint(pid, [self.cfg.coordinator])  # only helps to connect

@@ -223,7 +223,7 @@ def summarize(detail: dict[str, Any], wall_s: float, bytes_total: int, mode: str
 
 
 def run_demo(nodes: int, laps: int | None, dataset: str, partition: str, mode: str, job_file: Path | None,
-             out: Path | None, as_json: bool, keep: bool) -> int:
+             out: Path | None, as_json: bool, keep: bool, open_browser: bool = False) -> int:
     from rich.console import Console
     from rich.live import Live
 
@@ -248,6 +248,7 @@ def run_demo(nodes: int, laps: int | None, dataset: str, partition: str, mode: s
             result = control.call(net.submit_home, "submit", {"job": signed.encode()}, timeout=10)
             job_id = result["job_id"]
             console.print(f"submitted job [bold]{job_id}[/]")
+            _show_dashboard(console, net.submit_home, open_browser)
             names = {pid: f"node{i}" for i, pid in enumerate(net.ids)}
             detail: dict[str, Any] = {}
             with Live(console=console, refresh_per_second=4, transient=not as_json) as live:
@@ -285,6 +286,21 @@ def run_demo(nodes: int, laps: int | None, dataset: str, partition: str, mode: s
     if not keep and out is None:
         console.print(f"report, logs and the final model are in {root}")
     return 0
+
+
+def _show_dashboard(console: Any, home: Path, open_browser: bool) -> None:
+    """Print the submitting node's dashboard URL (snakenode/http), and open it in a browser if asked."""
+    try:
+        url = json.loads((home / "node.json").read_text()).get("http_url")
+    except (OSError, json.JSONDecodeError):
+        url = None
+    if not url:
+        return
+    console.print(f"dashboard: [link={url}/]{url}/[/link]  (metrics: {url}/metrics)")
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(url + "/")
 
 
 def _live_table(detail: dict[str, Any], names: dict[str, str], elapsed: float) -> Any:

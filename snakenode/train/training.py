@@ -93,7 +93,9 @@ def train_window(model: LayeredModel, train_b: Batches, spec: D.DataSpec, cfg: T
             ep_loss += bl
             ep_count += len(idx)
             if on_event is not None and time.monotonic() - last_event > 2.0:
-                on_event("step", {"epoch": epoch, "step": steps, "loss": bl / len(idx)})
+                elapsed = time.monotonic() - t_train0
+                on_event("step", {"epoch": epoch, "step": steps, "loss": bl / len(idx), "samples": samples,
+                                  "samples_per_s": samples / elapsed if elapsed > 0 else None})
                 last_event = time.monotonic()
             if cfg.max_steps and steps >= cfg.max_steps:
                 stopped = "max_steps"
@@ -102,7 +104,9 @@ def train_window(model: LayeredModel, train_b: Batches, spec: D.DataSpec, cfg: T
                 stopped = "max_time_s"
                 break
         if on_event is not None:
-            on_event("epoch", {"epoch": epoch, "loss": ep_loss / max(ep_count, 1)})
+            elapsed = time.monotonic() - t_train0
+            on_event("epoch", {"epoch": epoch, "step": steps, "loss": ep_loss / max(ep_count, 1), "samples": samples,
+                               "samples_per_s": samples / elapsed if elapsed > 0 else None})
         if stopped:
             break
     t_train = time.monotonic() - t_train0
