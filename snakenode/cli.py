@@ -351,9 +351,9 @@ def watch(
         summary = detail["summary"]
         live = summary.get("training")  # this node's worker progress while it trains a hop
         if live and live != last_live and not as_json:
-            hop = (summary.get("local_state") or {}).get("hop")
+            hop = live.get("hop", (summary.get("local_state") or {}).get("hop"))
             fields = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                              for k, v in live.items() if k != "event")
+                              for k, v in live.items() if k not in ("event", "hop", "t"))
             print(f"         training     hop={hop} {live.get('event')} {fields}", flush=True)
         last_live = live
         if summary["status"] == "complete" or not follow:

@@ -101,8 +101,10 @@ class Holder:
     async def _train(self, run: JobRun, state: JobState, trained: dict[str, bool]) -> dict[str, Any]:
         w = run.spec["window"]
 
+        run.last_metrics = {}  # the previous hop's progress must not show as this one's
+
         def on_event(name: str, data: dict[str, Any]) -> None:
-            run.last_metrics = {"event": name, **data}
+            run.last_metrics = {"event": name, "hop": state.hop, "t": time.time(), **data}
 
         try:
             return await self.ctx.worker.call("train_hop", {
