@@ -1,7 +1,8 @@
 """The run's report: report.json (every hop, every fault with the target's state and the recovery time,
 every expectation with its verdict), PNG plots, and the rich summary table printed at the end.
 
-report.json keys: scenario, file, backend, ok, error, started_at, duration_s, hosts, jobs, hops, faults
+report.json keys: scenario, file, backend, ok, error, started_at, duration_s, hosts, jobs (each with its
+`retries`: t, hop, attempt, by, failed_holder, why), hops, faults
 [{t, kind, target, target_state, ...}], expectations [{name, ok, detail, ...}], plots, notes. Times named `t*`
 are seconds since the first job's submission; `at` fields are unix seconds.
 """
@@ -80,6 +81,19 @@ def hop_rows(facts: expect.Facts, t0: float) -> list[dict[str, Any]]:
     return rows
 
 
+def retry_rows(facts: expect.Facts, t0: float) -> list[dict[str, Any]]:
+    """Every `retry` record, with the reason the predecessor gave (`why`: disconnect, lease or transfer):
+    a recovery time alone cannot tell the fast disconnect path from the lease lapse."""
+    rows = []
+    for r in facts.records:
+        if r["event"] != "retry":
+            continue
+        d = r.get("detail") or {}
+        rows.append({"t": _rel(r["t"], t0), "hop": r["hop"], "attempt": r["attempt"], "by": facts.host(r["node"]),
+                     "failed_holder": facts.host(d.get("failed_holder")), "why": d.get("why")})
+    return sorted(rows, key=lambda x: (x["t"] is None, x["t"] or 0.0))
+
+
 def fault_rows(run: RunView, claims: list[analysis.Claim], t0: float) -> list[dict[str, Any]]:
     rows = []
     for f in sorted(run.faults, key=lambda x: (x.t is None, x.t or 0.0)):
@@ -126,6 +140,7 @@ def build(run: RunView, records: dict[str, list[dict[str, Any]]], started: float
             "bytes_bundles": sum(h["bytes_in"] for h in hops if h["job"] == j.name),
             "fetch": run.fetched.get(j.name), "records": len(facts.records),
             "ready_t": {h: [_rel(t, t0) for t in ts] for h, ts in facts.ready_times.items()},
+            "retries": retry_rows(facts, t0),
             "laps_seen": [{"lap": lap.index, "start_t": _rel(lap.start, t0), "end_t": _rel(lap.end, t0),
                            "holders": [facts.host(p) for p in lap.holders]} for lap in analysis.laps(facts.claims)],
         })

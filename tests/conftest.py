@@ -21,7 +21,3 @@ def tmp_net(tmp_path: Path) -> Iterator[Net]:
         yield net
     finally:
         net.close()
-
-
-def is_root() -> bool:
-    return os.geteuid() == 0

@@ -81,10 +81,16 @@ def test_key_file_problems(tmp_path: Path) -> None:
     key.write_bytes(b"garbage")
     line = _one_line_error(run_cli("id", "--home", str(home)))
     assert "corrupt" in line
-    if os.geteuid() != 0:  # root reads any file; the mode check above covers it
-        key.write_bytes(key.read_bytes())
+    # A key the node cannot read. Mode 000 stops a normal user; root reads any file, so as root the
+    # key is a directory instead (its mode passes the check, the read fails): the same refusal either way.
+    if os.geteuid() != 0:
         os.chmod(key, 0o000)
         assert "cannot read" in _one_line_error(run_cli("id", "--home", str(home)))
+        os.chmod(key, 0o600)
+    key.unlink()
+    key.mkdir(mode=0o700)
+    line = _one_line_error(run_cli("id", "--home", str(home)))
+    assert "cannot read" in line and "Is a directory" in line and "mode (600)" in line, line
 
 
 @pytest.mark.timeout(30)

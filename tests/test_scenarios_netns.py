@@ -18,12 +18,14 @@ from test_scenarios import REPO, expectations, gone, load_report, scenarios_cli
 from scenarios import netns
 
 ok, why = netns.available()
-needs_root = [pytest.mark.netns, pytest.mark.skipif(not ok, reason=why)]
+# The netns backend needs root and `ip netns`; without them each such test is skipped saying which is missing.
+needs_root = pytest.mark.skipif(not ok, reason=why)
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(330)
-@pytest.mark.skipif(not ok, reason=why)
+@pytest.mark.netns
+@needs_root
 def test_partition_heal_keeps_one_lineage(tmp_path: Path) -> None:
     out = tmp_path / "ph"
     r = scenarios_cli("run", "partition-heal", "--backend", "netns", "--report", str(out), timeout=320)
@@ -68,7 +70,8 @@ def _start_runner(scenario: str, out: Path) -> subprocess.Popen[bytes]:
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.skipif(not ok, reason=why)
+@pytest.mark.netns
+@needs_root
 def test_netns_cleanup_after_the_runner_is_sigkilled(tmp_path: Path) -> None:
     out = tmp_path / "r"
     runner = _start_runner("partition-heal", out)
@@ -101,7 +104,8 @@ def test_netns_cleanup_after_the_runner_is_sigkilled(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.skipif(not ok, reason=why)
+@pytest.mark.netns
+@needs_root
 def test_ctrl_c_stops_the_run_and_removes_the_lab(tmp_path: Path) -> None:
     out = tmp_path / "r"
     runner = _start_runner("slow-link", out)
