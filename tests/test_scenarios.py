@@ -224,7 +224,7 @@ def test_ring5_dropout_kills_the_training_holder_and_recovers(tmp_path: Path) ->
     (kill,) = [f for f in rep["faults"] if f["kind"] == "kill"]
     assert kill["fired"] and kill["target_state"] == "training", kill
     # A SIGKILLed holder's connection closes at once: its predecessor sees it gone and retries after the
-    # 1 s disconnect grace (snake/p2p.py DISCONNECT_GRACE_S), ~1.5 s in all (docs/DESIGN.md: "seen through
+    # 1 s disconnect grace (snake/handoff.py DISCONNECT_GRACE_S), ~1.5 s in all (docs/DESIGN.md: "seen through
     # its closed connection within a fraction of a second"); the lease lapse would take 6 s
     # (LEASE_TIMEOUT_S). The retry must name the disconnect, and the snake must move again within the
     # disconnect path's ~1.5 s plus a 3 s margin for re-proposing, the bundle and a loaded 2-core machine:
