@@ -237,6 +237,13 @@ class Runner:
             if p.inverse_of is not None and p.kind in ("continue", "heal", "link_up"):
                 self.pending.remove(p)
                 self._apply(p, time.monotonic(), early=True)
+        # A scripted fault still pending now never fired (the jobs ended first): record it as such, so the
+        # automatic faults_injected check names it instead of counting only the faults that did fire.
+        for p in [p for p in self.pending if p.inverse_of is None]:
+            self.pending.remove(p)
+            trig = p.fault.trigger.describe() if p.fault.trigger else ""
+            self.faults.append(analysis.FaultRecord(p.fault.index, p.kind, p.target or "?", [], trig, None,
+                                                    detail={"error": "never due: the run ended first"}))
         self._settle(logs)
 
     def _settle(self, logs: dict[str, collect.HopLogs]) -> None:

@@ -254,6 +254,10 @@ name = "b"
 file = "{REPO / 'jobs' / 'digits-noniid.toml'}"
 submit_from = "a"
 set = {{ laps = 1 }}
+[[faults]]
+kind = "kill"             # never due: the run ends long before
+target = "b"
+at_s = 900
 [expect]
 job_completes = 0.01      # a hundredth of a second: no job can
 no_bundle_lost = true
@@ -265,6 +269,9 @@ no_bundle_lost = true
     exp = expectations(rep)
     assert not rep["ok"] and not exp["job_completes"]["ok"] and exp["job_completes"]["value"] > 0.01
     assert exp["no_bundle_lost"]["ok"], exp["no_bundle_lost"]  # the run itself was fine: only the bar is impossible
+    # a scripted fault whose time never came is reported, not left out of the count
+    fi = exp["faults_injected"]
+    assert not fi["ok"] and fi["value"] == 0 and fi["limit"] == 1 and "faults[0] kill b (at 900 s)" in fi["detail"], fi
     assert "FAIL" in r.stdout
 
 
