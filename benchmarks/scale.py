@@ -99,9 +99,9 @@ def run_size(n: int, out: Path, window_s: float, job_timeout: float) -> dict[str
         t_conv = time.monotonic()
         log(f"N={n}: converged {t_conv - t_ready:.1f} s after the last node was listening")
         time.sleep(SETTLE_S)
-        a_app, a_wire, t_a = app_counters(net), {h: benchlab.link_bytes(c.lab, h) for h in hosts}, time.monotonic()
+        a_app, a_wire, t_a = app_counters(net), benchlab.all_link_bytes(c.lab, list(hosts)), time.monotonic()
         time.sleep(window_s)
-        b_app, b_wire, t_b = app_counters(net), {h: benchlab.link_bytes(c.lab, h) for h in hosts}, time.monotonic()
+        b_app, b_wire, t_b = app_counters(net), benchlab.all_link_bytes(c.lab, list(hosts)), time.monotonic()
         minutes = (t_b - t_a) / 60
         wire = traffic(a_wire, b_wire)
         rss = {h: benchlab.tree_rss_mb(p) for h, p in net.pids().items()}

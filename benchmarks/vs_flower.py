@@ -103,10 +103,10 @@ def idle_rate(c: benchlab.Cluster, hosts: list[str], nodes: int, seconds: float)
     """Bytes per second on the wire while nothing trains, per training node (the total, infrastructure
     hosts included, divided by the number of training nodes), plus the per-host rates."""
     time.sleep(SETTLE_S)
-    a = {h: benchlab.link_bytes(c.lab, h) for h in hosts}
+    a = benchlab.all_link_bytes(c.lab, list(hosts))
     t0 = time.monotonic()
     time.sleep(seconds)
-    b = {h: benchlab.link_bytes(c.lab, h) for h in hosts}
+    b = benchlab.all_link_bytes(c.lab, list(hosts))
     span = time.monotonic() - t0
     tr = traffic(a, b)
     return {"idle_bytes_per_s_per_node": tr["total"] / span / nodes, "idle_s": round(span, 1),

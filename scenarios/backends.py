@@ -263,6 +263,7 @@ class NetnsBackend(ProcessBackend):
             self.lab.add_host(h.name)
             if h.bandwidth_bps:
                 self.lab.set_rate(h.name, netns.tc_rate(h.bandwidth_bps))
+        self.lab.verify()  # a lab whose hosts cannot reach each other fails now, with the cause, not in 90 s
         super().open()
 
     def ip(self, name: str) -> str:

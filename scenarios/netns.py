@@ -1,7 +1,12 @@
 """Linux network namespaces as stand-in hosts: one namespace per host on a bridge, real separate IPs.
 
-Each lab owns a bridge in the root namespace and, per host, a namespace with a veth pair (`eth0` inside,
-the other end on the bridge). Links can be cut (`link_down`/`link_up`) and shaped with `tc tbf`
+Each lab owns a "switch" namespace holding its bridge and, per host, a namespace with a veth pair (`eth0`
+inside, the other end on the bridge in the switch). The bridge lives in a namespace of its own, not in the
+root namespace, because bridged frames pass through the netfilter FORWARD chain of the namespace the bridge
+is in whenever `net.bridge.bridge-nf-call-iptables` is 1: on a host with Docker installed (FORWARD policy
+DROP, bridge netfilter on) a root-namespace bridge silently drops every frame between the lab's hosts. A
+fresh namespace starts with an empty, accepting firewall, so the lab works whatever the host's firewall
+says, and the host's firewall is never touched. Links can be cut (`link_down`/`link_up`) and shaped with `tc tbf`
 (bandwidth; this kernel has no netem, so no added latency). Everything a lab creates is recorded in a
 state file under STATE_DIR before it is created, so `cleanup_stale()` removes the leftovers of a lab
 whose runner was killed (owner pid gone) — no namespace or veth is ever left behind for long.
@@ -65,19 +70,24 @@ class Lab:
             raise NetnsError(why)
         cleanup_stale()
         self.bridge = f"snkb{self.tag}"
+        self.switch = f"snk{self.tag}-sw"
         self.state_file = STATE_DIR / f"{self.tag}.json"
         self._closed = False
         self._save()
         self._watchdog = _start_watchdog(self.state_file)
-        _run("ip", "link", "add", self.bridge, "type", "bridge")
-        _run("ip", "link", "set", self.bridge, "up")
+        _run("ip", "netns", "add", self.switch)
+        self._sw("link", "add", self.bridge, "type", "bridge")
+        self._sw("link", "set", self.bridge, "up")
+
+    def _sw(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """An `ip` command inside the switch namespace (the bridge and the hosts' outer veth ends)."""
+        return _run("ip", "-n", self.switch, *args, check=check)
 
     def _save(self) -> None:
         STATE_DIR.mkdir(parents=True, exist_ok=True)
         self.state_file.write_text(json.dumps({
-            "owner": os.getpid(), "bridge": self.bridge,
+            "owner": os.getpid(), "bridge": self.bridge, "switch": self.switch,
             "namespaces": [h.ns for h in self.hosts.values()],
-            "veths": [h.veth_root for h in self.hosts.values()],
         }))
 
     def add_host(self, name: str) -> Host:
@@ -90,9 +100,9 @@ class Lab:
         self._save()  # recorded before creation: a crash mid-way still gets cleaned up
         peer = f"snk{self.tag}c{i}"
         _run("ip", "netns", "add", host.ns)
-        _run("ip", "link", "add", host.veth_root, "type", "veth", "peer", "name", peer)
-        _run("ip", "link", "set", host.veth_root, "master", self.bridge, "up")
-        _run("ip", "link", "set", peer, "netns", host.ns)
+        _run("ip", "-n", self.switch, "link", "add", host.veth_root, "type", "veth", "peer", "name", peer,
+             "netns", host.ns)
+        self._sw("link", "set", host.veth_root, "master", self.bridge, "up")
         _run("ip", "-n", host.ns, "link", "set", peer, "name", "eth0")
         _run("ip", "-n", host.ns, "addr", "add", f"{host.ip}/16", "dev", "eth0")
         _run("ip", "-n", host.ns, "link", "set", "eth0", "up")
@@ -103,27 +113,75 @@ class Lab:
         return ["ip", "netns", "exec", self.hosts[name].ns, *argv]
 
     def link_down(self, name: str) -> None:
-        _run("ip", "link", "set", self.hosts[name].veth_root, "down")
+        self._sw("link", "set", self.hosts[name].veth_root, "down")
 
     def link_up(self, name: str) -> None:
-        _run("ip", "link", "set", self.hosts[name].veth_root, "up")
+        self._sw("link", "set", self.hosts[name].veth_root, "up")
 
     def partition(self, group_a: list[str], group_b: list[str]) -> None:
         """Cut traffic between two groups (both stay reachable within their group) with a second bridge."""
         side = f"snkp{self.tag}"
-        _run("ip", "link", "add", side, "type", "bridge", check=False)
-        _run("ip", "link", "set", side, "up")
+        self._sw("link", "add", side, "type", "bridge", check=False)
+        self._sw("link", "set", side, "up")
         for name in group_b:
-            _run("ip", "link", "set", self.hosts[name].veth_root, "master", side)
+            self._sw("link", "set", self.hosts[name].veth_root, "master", side)
         self.partition_bridge = side
 
     def heal(self) -> None:
         for host in self.hosts.values():
-            _run("ip", "link", "set", host.veth_root, "master", self.bridge)
+            self._sw("link", "set", host.veth_root, "master", self.bridge)
         side = getattr(self, "partition_bridge", None)
         if side:
-            _run("ip", "link", "del", side, check=False)
+            self._sw("link", "del", side, check=False)
             self.partition_bridge = None
+
+    def verify(self, timeout_s: float = 2.0) -> None:
+        """Fail within seconds, naming the cause, when the first host cannot reach every other one.
+
+        A TCP connection to a closed port is answered at once with a reset when the path works, and times
+        out when something drops frames; no listener and no ping binary are needed."""
+        names = list(self.hosts)
+        if len(names) < 2:
+            return
+        first, others = self.hosts[names[0]], [self.hosts[n] for n in names[1:]]
+        probe = ("import socket,sys\n"
+                 "bad=[]\n"
+                 "for ip in sys.argv[2:]:\n"
+                 "    s=socket.socket(); s.settimeout(float(sys.argv[1]))\n"
+                 "    try: s.connect((ip, 9))\n"
+                 "    except ConnectionRefusedError: pass\n"
+                 "    except OSError: bad.append(ip)\n"
+                 "    finally: s.close()\n"
+                 "print(' '.join(bad))\n")
+        r = _run(*self.argv(first.name, [sys.executable, "-c", probe, str(timeout_s), *[h.ip for h in others]]))
+        lost = r.stdout.split()
+        if lost:
+            unreachable = [h.name for h in others if h.ip in lost]
+            raise NetnsError(f"lab host {first.name} cannot reach {', '.join(unreachable)} across the lab's bridge "
+                             f"({self.bridge} in namespace {self.switch}): {self._diagnose()}")
+
+    def _diagnose(self) -> str:
+        """What in the switch namespace can drop bridged frames (its bridge netfilter setting and firewall)."""
+        nf = _run("ip", "netns", "exec", self.switch, "cat", "/proc/sys/net/bridge/bridge-nf-call-iptables",
+                  check=False).stdout.strip() or "not loaded"
+        fw = "iptables is not installed"
+        if shutil.which("iptables"):
+            fw = _run("ip", "netns", "exec", self.switch, "iptables", "-S", "FORWARD", check=False).stdout
+            fw = "; ".join(line for line in fw.splitlines() if line) or "no FORWARD rules"
+        return (f"bridge-nf-call-iptables={nf}, FORWARD chain: {fw}. Frames between lab hosts are filtered by "
+                f"that namespace's FORWARD chain when bridge netfilter is on: check "
+                f"`ip netns exec {self.switch} iptables -S` and its nft ruleset, and that the veths are up")
+
+    def link_counters(self) -> dict[str, tuple[int, int]]:
+        """(rx, tx) of every host's eth0 in one call, read on the switch side of its veth pair (swapped there)."""
+        rows = json.loads(self._sw("-j", "-s", "link", "show").stdout or "[]")
+        by_veth = {row.get("ifname"): row.get("stats64", {}) for row in rows}
+        out = {}
+        for name, host in self.hosts.items():
+            stats = by_veth.get(host.veth_root)
+            if stats:
+                out[name] = (int(stats["tx"]["bytes"]), int(stats["rx"]["bytes"]))
+        return out
 
     def set_rate(self, name: str, rate: str | None) -> None:
         """Egress bandwidth of a host (e.g. "1mbit"); None removes the limit. Applied inside its namespace."""
@@ -146,9 +204,7 @@ class Lab:
         if self._closed:
             return
         self._closed = True
-        _teardown({"bridge": self.bridge, "namespaces": [h.ns for h in self.hosts.values()],
-                   "veths": [h.veth_root for h in self.hosts.values()],
-                   "extra_bridges": [getattr(self, "partition_bridge", None) or ""]})
+        _teardown({"bridge": self.bridge, "switch": self.switch, "namespaces": [h.ns for h in self.hosts.values()]})
         try:
             self.state_file.unlink()
         except FileNotFoundError:
@@ -176,9 +232,16 @@ def _kill_ns_processes(ns: str) -> None:
 
 
 def _teardown(state: dict[str, object]) -> None:
+    """Remove a lab; deleting the switch namespace removes its bridges and the outer veth ends with it.
+
+    State files written before the switch namespace existed name root-namespace veths and bridges; those
+    are removed too."""
     for ns in state.get("namespaces", []) or []:  # type: ignore[union-attr]
         _kill_ns_processes(str(ns))
         _run("ip", "netns", "del", str(ns), check=False)
+    if state.get("switch"):
+        _run("ip", "netns", "del", str(state["switch"]), check=False)
+        return
     for veth in state.get("veths", []) or []:  # type: ignore[union-attr]
         _run("ip", "link", "del", str(veth), check=False)
     for br in [state.get("bridge"), *(state.get("extra_bridges", []) or [])]:  # type: ignore[misc]

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-APT = ("build-essential", "libgmp-dev", "iproute2")
+APT = ("build-essential", "libgmp-dev", "iproute2", "chromium", "iptables")
 MIN_FREE_GB = 5.0  # venv (~1.3 GB with torch) + a few jobs' layer stores and logs
 
 
