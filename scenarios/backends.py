@@ -61,6 +61,10 @@ class Backend:
     def start_host(self, host: Host, trusted: list[str], hooks: tuple[str, ...]) -> None:
         raise NotImplementedError
 
+    def start_bootstrap(self) -> None:
+        """Start the bootstrap peer again (same home, so the same identity and address) and wait until ready."""
+        raise NotImplementedError
+
     def wait_ready(self, name: str, timeout: float = READY_TIMEOUT_S) -> None:
         raise NotImplementedError
 
@@ -113,6 +117,23 @@ class Backend:
 
     def throttle(self, name: str, bps: float | None) -> None:
         raise Refused(f"the {self.name} backend cannot change bandwidth at run time")
+
+
+def free_port() -> int:
+    """A TCP port free now, below the kernel's ephemeral range (32768+), so that outgoing connections made
+    while the bootstrap peer is down cannot take it before it restarts."""
+    import random
+    import socket
+
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port in 20000-32000 for the bootstrap peer")
 
 
 def node_flags(host: Host, trusted: list[str], hooks: tuple[str, ...], rate_hook: bool) -> list[str]:
@@ -168,17 +189,47 @@ class ProcessBackend(Backend):
     def _boot_addr(self, info: dict[str, Any]) -> str:
         return str(info["addrs"][0])
 
+    def _boot_listen(self) -> str:
+        """Where the bootstrap peer listens: fixed for the whole run, so a restarted one is found again."""
+        return self.listen
+
     def open(self) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         boot = self._proc("bootstrap", [PY, "-m", "bootstrap", "--home", str(self.home("bootstrap")),
-                                        "--listen", self.listen, "--network", self.scenario.network])
+                                        "--listen", self._boot_listen(), "--network", self.scenario.network])
         boot.start()
         self.boot_addr = self._boot_addr(boot.wait_ready(READY_TIMEOUT_S))
 
+    def start_bootstrap(self) -> None:
+        boot = self.procs["bootstrap"]
+        if not boot.alive():
+            boot.start()
+        boot.wait_ready(READY_TIMEOUT_S)
+
+    def _node_addr(self, name: str, info: dict[str, Any]) -> str | None:
+        """The address other hosts reach this host on (the loopback one here)."""
+        return next((str(a) for a in info.get("addrs", []) if "/ip4/127.0.0.1/" in a), None)
+
+    def _also_bootstrap(self, name: str) -> list[str]:
+        """Two running hosts' addresses, given as further bootstrap peers to a host that starts late, as a user
+        lists several: a node that starts while the bootstrap peer is down still joins through them."""
+        out = []
+        for other, proc in self.procs.items():
+            if other in ("bootstrap", name) or not proc.alive() or proc.stopped:
+                continue
+            info = proc.node_json()
+            addr = self._node_addr(other, info) if info else None
+            if addr:
+                out.append(addr)
+            if len(out) == 2:
+                break
+        return out
+
     def start_host(self, host: Host, trusted: list[str], hooks: tuple[str, ...]) -> None:
+        boots = [self.boot_addr, *self._also_bootstrap(host.name)]
         argv = [PY, "-m", "snakenode.cli", "start", "--home", str(self.home(host.name)), "--listen", self.listen,
-                "--network", self.scenario.network, "--bootstrap", self.boot_addr,
+                "--network", self.scenario.network, *[a for b in boots for a in ("--bootstrap", b)],
                 *node_flags(host, trusted, hooks, self.rate_hook)]
         proc = self.procs.get(host.name)
         if proc is not None:
@@ -218,6 +269,9 @@ class ProcessBackend(Backend):
 
 class LocalBackend(ProcessBackend):
     name = "local"
+
+    def _boot_listen(self) -> str:
+        return f"/ip4/127.0.0.1/tcp/{free_port()}"
 
     @classmethod
     def refusal(cls, scenario: Scenario) -> str | None:
@@ -269,6 +323,11 @@ class NetnsBackend(ProcessBackend):
     def ip(self, name: str) -> str:
         assert self.lab is not None
         return self.lab.hosts[name].ip
+
+    def _node_addr(self, name: str, info: dict[str, Any]) -> str | None:
+        assert self.lab is not None
+        ip = self.lab.hosts[name].ip
+        return next((str(a) for a in info.get("addrs", []) if f"/ip4/{ip}/" in a), None)
 
     def partition(self, groups: tuple[tuple[str, ...], ...]) -> None:
         assert self.lab is not None

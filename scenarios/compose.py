@@ -86,11 +86,15 @@ def generate(scenario: Scenario, out: Path, repo: Path = REPO) -> dict[str, Any]
         }
     }
     coordinators = [h.name for h in scenario.hosts if h.role == "coordinator"]
+    # Every node also lists the first two hosts that start at once as bootstrap peers (a node skips its own
+    # address), so one that starts while the bootstrap container is down still joins through them.
+    early = [i for i, h in enumerate(scenario.hosts) if h.start_delay_s == 0][:2]
+    also = [f"/ip4/{host_ip(i)}/tcp/{PORT}/p2p/{ids[scenario.hosts[i].name]}" for i in early]
     for i, h in enumerate(scenario.hosts):
         ip = host_ip(i)
         cfg = {
             "network": scenario.network, "role": h.role, "listen": [f"/ip4/0.0.0.0/tcp/{PORT}"],
-            "announce": [f"/ip4/{ip}/tcp/{PORT}"], "bootstrap": [boot_addr], "data": h.data,
+            "announce": [f"/ip4/{ip}/tcp/{PORT}"], "bootstrap": [boot_addr, *also], "data": h.data,
             "partition": h.partition if h.data else None, "shard": h.shard if h.data else None,
             "seed": h.seed, "memory_budget_mb": h.memory_mb or None,
             "compute_slowdown": h.compute_slowdown if h.compute_slowdown != 1.0 else None,
@@ -238,6 +242,12 @@ class ComposeBackend(Backend):
         self._dc("up", "-d", "--no-deps", host.name)
         self.up.add(host.name)
         self._follow(host.name)
+
+    def start_bootstrap(self) -> None:
+        (self.home("bootstrap") / "node.json").unlink(missing_ok=True)
+        self._dc("up", "-d", "--no-deps", "bootstrap")  # the compose file holds its command and volume
+        self.up.add("bootstrap")
+        self.wait_ready("bootstrap")
 
     def wait_ready(self, name: str, timeout: float = READY_TIMEOUT_S) -> None:
         wait_for(lambda: (self.home(name) / "node.json").exists(), timeout, f"{name} to write node.json")

@@ -148,6 +148,17 @@ def distinct_window_sizes_at_least(f: Facts, limit: int) -> dict[str, Any]:
                    f"window sizes on the surviving lineage: {sizes} (distinct {distinct})", len(distinct), limit)
 
 
+def hosts_held_the_snake(f: Facts, names: Sequence[str]) -> dict[str, Any]:
+    """Named hosts trained the snake at least once: proof that a host which started late (or while the
+    bootstrap peer was down) joined the job, which every_member_visited_each_lap cannot give, as it only
+    asks for hosts that were ready."""
+    held = {f.host(c.holder) for c in f.claims if c.count("trained")}
+    missing = sorted(set(names) - held)
+    detail = (f"never trained the snake: {', '.join(missing)}" if missing
+              else f"{', '.join(sorted(names))} trained the snake")
+    return _result("hosts_held_the_snake", not missing, detail, len(names) - len(missing), len(names))
+
+
 def max_recovery_s(f: Facts, limit: float) -> dict[str, Any]:
     worst: tuple[float, str] | None = None
     unrecovered = []
@@ -195,6 +206,8 @@ def evaluate(expect: Mapping[str, Any], facts: Facts) -> list[dict[str, Any]]:
             out.append(distinct_window_sizes_at_least(facts, int(limit)))
         elif name == "max_recovery_s":
             out.append(max_recovery_s(facts, float(limit)))
+        elif name == "hosts_held_the_snake":
+            out.append(hosts_held_the_snake(facts, list(limit)))
         else:  # spec.py refuses unknown names; this guards a forgotten branch
             out.append(_result(name, False, "unknown expectation"))
     return out

@@ -21,7 +21,7 @@ from scenarios import analysis, collect, expect, jobfile, report, timeline
 from scenarios.backends import Backend, Refused
 from scenarios.choice import backend_class, make
 from scenarios.procs import WaitTimeout, wait_for
-from scenarios.spec import HOST_FAULTS, Host, Scenario
+from scenarios.spec import BOOTSTRAP, HOST_FAULTS, Host, Scenario
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_REFUSED, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 TICK_S = 0.1  # a hop on digits takes ~0.2 s: hop-log triggers must be seen well within one hop
@@ -152,6 +152,7 @@ class Runner:
         assert self.b is not None
         self.log(f"scenario {self.sc.name} on the {self.backend_name} backend ({len(self.sc.hosts)} hosts)")
         self.b.open()
+        self.started.add(BOOTSTRAP)
         self.name_of.update(self._bootstrap_id())
         first = [h for h in self.sc.hosts if h.start_delay_s == 0]
         for h in first:
@@ -299,6 +300,8 @@ class Runner:
             return "not started"
         if not self.b.alive(name):
             return "down"
+        if name == BOOTSTRAP:
+            return "stopped" if self.b.stopped(name) else "running"  # it holds no job state to ask about
         if self.b.stopped(name):
             return "stopped"
         try:
@@ -375,6 +378,13 @@ class Runner:
                 self.b.kill(target)
                 hosts = [target]
                 self.pending.append(timeline.Pending(f, "start", target, due=now + f.down_s, inverse_of=f.index))
+            elif kind == "start" and target == BOOTSTRAP:
+                if not self.b.alive(target):
+                    self.b.start_bootstrap()  # waits until it listens again: its recovery ends here
+                    for rec in self.awaiting.pop(target, []):
+                        rec.ends = rec.ends or time.time()
+                else:
+                    detail["note"] = "already running"
             elif kind == "start":
                 if not self.b.alive(target):
                     self.b.start_host(self.sc.host(target), self.trusted(), self.hooks_for(self.sc.host(target)))
@@ -420,7 +430,7 @@ class Runner:
                         self.awaiting[target].append(r)
         self.log(f"{kind} {target} ({state}) {trig}" + (f" FAILED: {detail['error']}" if "error" in detail else ""))
         if t_fired is not None and p.inverse_of is None:
-            original = self.sc.host(target).bandwidth if kind == "throttle" else ""
+            original = self.sc.host(target).bandwidth if kind == "throttle" and target != BOOTSTRAP else ""
             inv = timeline.inverse(p, now, original)
             if inv is not None:
                 self.pending.append(inv)

@@ -25,6 +25,9 @@ HOST_FAULTS = ("kill", "stop", "continue", "leave", "start", "restart", "link_do
                "hook")
 NETWORK_FAULTS = ("partition", "heal")
 FAULT_KINDS = HOST_FAULTS + NETWORK_FAULTS
+# The bootstrap peer is a fault target too (it has no job phases to hook and nothing to leave).
+BOOTSTRAP = "bootstrap"
+BOOTSTRAP_FAULTS = ("kill", "stop", "continue", "start", "restart", "link_down", "link_up", "throttle")
 # Faults that only a backend with real links can apply (the local backend shares one loopback).
 NEEDS_LINKS = ("partition", "heal", "link_down", "link_up", "throttle")
 # A fault whose effect `duration_s` undoes automatically.
@@ -34,7 +37,7 @@ TRIGGER_EVENTS = ("received", "train_start", "trained", "lap_complete", "propose
                   "committed", "released", "retry", "superseded", "dropped", "job_complete")
 EXPECTATIONS = ("job_completes", "accuracy_at_least", "max_hops_redone", "no_bundle_lost",
                 "every_member_visited_each_lap", "one_lineage", "distinct_window_sizes_at_least",
-                "max_recovery_s")
+                "max_recovery_s", "hosts_held_the_snake")
 NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
 NETWORK_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
 DEFAULT_TIMEOUT_S = 300.0
@@ -392,9 +395,12 @@ def _fault(raw: Mapping[str, Any], index: int, host_names: set[str]) -> Fault:
     target = ""
     if kind in HOST_FAULTS:
         target = _str(raw, "target", where)
-        if target not in host_names and target not in DYNAMIC_TARGETS:
+        if target == BOOTSTRAP and kind not in BOOTSTRAP_FAULTS:
+            raise ScenarioError(_join(where, "target"), f"the bootstrap peer can be a target of "
+                                f"{', '.join(BOOTSTRAP_FAULTS)}, not of {kind}")
+        if target not in host_names and target not in DYNAMIC_TARGETS and target != BOOTSTRAP:
             raise ScenarioError(_join(where, "target"), f"{target!r} is neither a host ({', '.join(sorted(host_names))}) "
-                                f"nor one of {', '.join(DYNAMIC_TARGETS)}")
+                                f"nor one of {', '.join((*DYNAMIC_TARGETS, BOOTSTRAP))}")
         if target in DYNAMIC_TARGETS and (trigger is None or trigger.event is None):
             raise ScenarioError(_join(where, "target"), f"{target!r} is named by the triggering hop-log record: "
                                 "use an `on = {event = ...}` trigger")
@@ -460,6 +466,10 @@ def _expect(raw: Mapping[str, Any]) -> dict[str, Any]:
                 out[key] = True
         elif key == "accuracy_at_least":
             out[key] = _num(raw, key, where, None, 0.0, 1.0)
+        elif key == "hosts_held_the_snake":
+            if not (isinstance(value, list) and value and all(isinstance(v, str) for v in value)):
+                raise ScenarioError(k, "must be a non-empty list of host names, e.g. [\"node5\"]")
+            out[key] = list(value)
         elif key in ("max_hops_redone", "distinct_window_sizes_at_least"):
             out[key] = _int(raw, key, where, None, 0, 10**6)
         else:  # job_completes, one_lineage, max_recovery_s: seconds
@@ -549,6 +559,9 @@ def parse(doc: Mapping[str, Any], path: Path | None = None) -> Scenario:
     expect = _expect(_table(doc, "expect", ""))
     if not expect:
         raise ScenarioError("expect", "missing: a scenario needs at least one expectation, e.g. job_completes = 120")
+    unknown = [h for h in expect.get("hosts_held_the_snake", []) if h not in {b.name for b in built}]
+    if unknown:
+        raise ScenarioError("expect.hosts_held_the_snake", f"{', '.join(unknown)} not a host of this scenario")
     return Scenario(name=name, description=description, path=path, backend=backend, timeout_s=timeout,
                     network=network, hosts=built, jobs=jobs, faults=faults, expect=expect, notes=tuple(notes))
 

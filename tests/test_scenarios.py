@@ -23,7 +23,7 @@ from scenarios.spec import ScenarioError
 
 REPO = Path(__file__).resolve().parents[1]
 LIBRARY = ["line3-smoke", "ring5-dropout", "star8-churn", "hetero6", "partition-heal", "slow-link", "freeze-crash",
-           "cs-coordinator-loss"]
+           "cs-coordinator-loss", "bootstrap-loss"]
 
 
 def scenarios_cli(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
@@ -98,6 +98,10 @@ def _doc(**changes: Any) -> dict[str, Any]:
     ({"expect": {"accuracy_at_least": 1.5}}, "expect.accuracy_at_least", "<= 1"),
     ({"expect": {"job_finishes": 10}}, "expect.job_finishes", "known keys"),
     ({"expect": {}}, "expect", "at least one expectation"),
+    ({"faults": [{"kind": "leave", "target": "bootstrap", "at_s": 1}]}, "faults[0].target", "not of leave"),
+    ({"faults": [{"kind": "kill", "target": "boot", "at_s": 1}]}, "faults[0].target", "bootstrap"),
+    ({"expect": {"hosts_held_the_snake": ["zz"]}}, "expect.hosts_held_the_snake", "zz not a host"),
+    ({"expect": {"hosts_held_the_snake": "a"}}, "expect.hosts_held_the_snake", "list of host names"),
 ])
 def test_validation_errors_name_the_key(changes: dict[str, Any], key: str, words: str) -> None:
     with pytest.raises(ScenarioError) as exc:
@@ -168,7 +172,12 @@ def test_compose_project_parses_and_names_every_host(tmp_path: Path) -> None:
             tomllib.loads(cfg_file.read_text())
             cfg = config.load(cfg_file.parent, {}, env={})  # the node's own loader accepts it
             assert cfg.role == h.role and cfg.data == h.data and cfg.network == sc.network
-            assert cfg.bootstrap == [f"/ip4/172.30.77.2/tcp/4001/p2p/{boot_id}"]
+            # The bootstrap peer first, then the first two hosts that start at once (a late host still joins
+            # through them while the bootstrap container is down).
+            assert cfg.bootstrap[0] == f"/ip4/172.30.77.2/tcp/4001/p2p/{boot_id}" and len(cfg.bootstrap) == 3
+            early = [x for x in sc.hosts if x.start_delay_s == 0][:2]
+            assert [a.rsplit("/p2p/", 1)[1] for a in cfg.bootstrap[1:]] == \
+                [identity.load(out / "hosts" / x.name).peer_id for x in early]
             if h.bandwidth:
                 assert any("rate=" in part for part in svc["command"]), svc["command"]
         assert len(ips) == len(sc.hosts)
@@ -339,3 +348,23 @@ def test_cs_coordinator_loss_falls_back_to_p2p_and_learns(tmp_path: Path) -> Non
     exp = expectations(rep)
     assert set(exp) >= {"job_completes", "accuracy_at_least", "no_bundle_lost", "one_lineage"}
     assert all(e["ok"] for e in exp.values()), exp
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_host_joins_while_the_bootstrap_peer_is_down(tmp_path: Path) -> None:
+    """Issue 16: the bootstrap peer as a fault target. It is killed 1 s into the job and restarted 20 s later;
+    node5 starts in between and must join through the other hosts it was given, before the bootstrap returns."""
+    out = tmp_path / "bl"
+    r = scenarios_cli("run", "bootstrap-loss", "--report", str(out), timeout=230)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    rep = load_report(out)
+    (kill,) = [f for f in rep["faults"] if f["kind"] == "restart"]
+    (back,) = [f for f in rep["faults"] if f["kind"] == "start" and f["target"] == "bootstrap"]
+    assert kill["target"] == "bootstrap" and kill["fired"] and back["fired"], rep["faults"]
+    joined = rep["jobs"][0]["ready_t"]["node5"][0]
+    assert kill["t"] < joined < back["t"], (kill["t"], joined, back["t"])
+    assert any(h["holder"] == "node5" and h["surviving"] and h["t_recv"] < back["t"] for h in rep["hops"]), \
+        "node5 should have trained the snake before the bootstrap peer returned"
+    exp = expectations(rep)
+    assert exp["hosts_held_the_snake"]["ok"] and all(e["ok"] for e in exp.values()), exp

@@ -88,7 +88,8 @@ def test_the_clean_log_passes_every_checker() -> None:
     f = facts(clean_run())
     checks = expect.evaluate({"job_completes": 60, "accuracy_at_least": 0.8, "max_hops_redone": 0,
                               "no_bundle_lost": True, "every_member_visited_each_lap": True, "one_lineage": 30,
-                              "distinct_window_sizes_at_least": 2, "max_recovery_s": 5}, f)
+                              "distinct_window_sizes_at_least": 2, "max_recovery_s": 5,
+                              "hosts_held_the_snake": ["a", "c"]}, f)
     assert [c["name"] for c in checks if not c["ok"]] == [], checks
 
 
@@ -173,6 +174,11 @@ def test_every_member_visited_each_lap_fails_when_a_ready_member_is_skipped() ->
     none = [r for r in clean_run() if r["event"] != "lap_complete"]
     r = expect.every_member_visited_each_lap(facts(none))
     assert not r["ok"] and "no lap completed" in r["detail"], r
+
+
+def test_hosts_held_the_snake_fails_for_a_host_that_never_trained() -> None:
+    r = expect.hosts_held_the_snake(facts(clean_run(), members=("a", "b", "c", "d")), ["a", "d"])
+    assert not r["ok"] and r["detail"] == "never trained the snake: d" and r["value"] == 1, r
 
 
 def test_one_lineage_fails_on_two_finals_and_on_a_rival_still_working() -> None:
